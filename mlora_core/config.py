@@ -1,0 +1,287 @@
+"""The config schema (OmegaConf structured dataclasses), loading, overrides and validation.
+
+``load_config`` checks the shape (unknown keys, wrong types) and reports every problem
+with its key path; ``validate_config`` checks names against the plugin registries and
+asks each plugin about its own section (files exist, options make sense). Neither loads
+a model or writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mlora_core.errors import ConfigError
+
+
+@dataclass
+class BaseModelConfig:
+    """The shared, frozen base model."""
+
+    backend: str = "llama"
+    #: A Hugging Face checkpoint directory, a ``.gguf`` file, or ``pkg:DIST/FILE`` for a
+    #: file shipped inside an installed distribution (found without importing it).
+    path: str = MISSING
+    dtype: str = "fp32"  # fp32 | bf16
+    quantize: Optional[str] = None
+    device: str = "cpu"
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "trivial"
+    max_tokens_per_step: Optional[int] = None
+    max_concurrent_jobs: Optional[int] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterConfig:
+    type: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    type: str = "alpaca"
+    path: str = MISSING
+    template: str = "alpaca"
+    cutoff_len: int = 256
+    train_on_inputs: bool = False
+    #: Held-out examples: a fraction of the data (< 1) or a count (>= 1).
+    val_set_size: float = 0.1
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    #: Examples per optimizer step; a multiple of micro_batch_size.
+    batch_size: int = 16
+    #: Examples per engine step (gradient accumulation covers the rest).
+    micro_batch_size: int = 4
+    lr: float = 3.0e-4
+    warmup_steps: int = 0
+    lr_scheduler: str = "linear"  # linear | cosine | constant
+    weight_decay: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1.0e-8
+    max_grad_norm: Optional[float] = 1.0
+    #: Stop after this many optimizer steps (None: run every epoch).
+    max_steps: Optional[int] = None
+    shuffle: bool = True
+    seed: int = 42
+
+
+@dataclass
+class JobConfig:
+    name: str = MISSING
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class MloraConfig:
+    base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    #: Monitor name -> its options; set a monitor to null to turn it off.
+    monitor: Dict[str, Any] = field(default_factory=lambda: {"console": {}})
+    output_dir: str = "out"
+    jobs: List[JobConfig] = MISSING
+
+
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+DTYPES = ("fp32", "bf16")
+_SECTIONS = {f.name: f for f in dataclasses.fields(MloraConfig)}
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> MloraConfig:  # type: ignore[assignment]
+    """Read a YAML config, apply ``key.path=value`` overrides and check it against the schema.
+
+    Raises:
+        ConfigError: listing every problem found, each with its key path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"])
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry line and column
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, DictConfig):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+    problems = _apply_overrides(raw, list(overrides))
+    cfg = _check_shape(raw, problems)
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    return cfg
+
+
+def _apply_overrides(raw: DictConfig, overrides: list[str]) -> list[str]:
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected key.path=value")
+            continue
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]  # type: ignore[index]
+        try:
+            OmegaConf.update(raw, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            problems.append(f"override {key}: {_first_line(exc)}")
+    return problems
+
+
+def _check_shape(raw: DictConfig, problems: list[str]) -> MloraConfig | None:
+    """Merge each section (and each job) separately so every problem is reported at once."""
+    for key in raw:
+        if key not in _SECTIONS:
+            problems.append(f"{key}: unknown key; known: {', '.join(_SECTIONS)}")
+    for name in ("base_model", "scheduler"):
+        if name in raw:
+            _merge(_SECTIONS[name].default_factory(), raw[name], name, problems)  # type: ignore[misc]
+    if "jobs" not in raw or not isinstance(raw.jobs, ListConfig) or len(raw.jobs) == 0:
+        problems.append("jobs: a non-empty list of jobs is required")
+    else:
+        for i, job in enumerate(raw.jobs):
+            _merge(JobConfig(), job, f"jobs[{i}]", problems)
+    if problems:
+        return None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(MloraConfig), raw)
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        problems.append(f"{exc.full_key or '(top level)'}: {_first_line(exc)}")
+        return None
+    assert isinstance(cfg, MloraConfig)
+    return cfg
+
+
+def _merge(schema: Any, node: Any, prefix: str, problems: list[str]) -> None:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        OmegaConf.to_container(merged, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = f"{prefix}.{exc.full_key}" if exc.full_key else prefix
+        problems.append(f"{key}: {_first_line(exc)}")
+
+
+def _first_line(exc: Exception) -> str:
+    msg = getattr(exc, "msg", None) or str(exc)
+    return str(msg).splitlines()[0]
+
+
+def to_dict(cfg: MloraConfig) -> dict[str, Any]:
+    """The config as plain data (for summary.json, monitors and hooks)."""
+    return dataclasses.asdict(cfg)
+
+
+# --- semantic validation against the plugins ----------------------------------------
+
+
+def validate_config(cfg: MloraConfig, host: Any) -> None:
+    """Check names and plugin-specific settings without loading a model.
+
+    Args:
+        cfg: a config from :func:`load_config`.
+        host: a :class:`mlora_core.plugins.PluginHost`.
+
+    Raises:
+        ConfigError: listing every problem, each with its key path.
+    """
+    problems: list[str] = []
+    backend = _lookup(host.backends, cfg.base_model.backend, "base_model.backend", problems)
+    if backend is not None:
+        problems += [f"base_model: {p}" for p in backend.validate(cfg.base_model)]
+    if cfg.base_model.dtype not in DTYPES:
+        problems.append(f"base_model.dtype: {cfg.base_model.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.base_model.quantize is not None:
+        problems.append("base_model.quantize: quantized bases are not supported yet; use null")
+    if cfg.scheduler.type not in host.schedulers:
+        problems.append(f"scheduler.type: {host.schedulers.unknown_message(cfg.scheduler.type)}")
+    _validate_monitors(cfg, host, problems)
+    seen: set[str] = set()
+    targets = backend.target_modules if backend is not None else ()
+    for i, job in enumerate(cfg.jobs):
+        _validate_job(job, f"jobs[{i}]", host, targets, seen, problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _lookup(registry: Any, name: str, key: str, problems: list[str]) -> Any:
+    """Build the component ``name`` (no arguments), or record why it is unknown."""
+    if name not in registry:
+        problems.append(f"{key}: {registry.unknown_message(name)}")
+        return None
+    return registry.create(name)
+
+
+def _validate_monitors(cfg: MloraConfig, host: Any, problems: list[str]) -> None:
+    import inspect
+
+    for name, options in cfg.monitor.items():
+        if options is None:
+            continue
+        key = f"monitor.{name}"
+        if name not in host.monitors:
+            problems.append(f"{key}: {host.monitors.unknown_message(name)}")
+            continue
+        if not isinstance(options, dict):
+            problems.append(f"{key}: expected a mapping of options or null")
+            continue
+        factory = host.monitors.get(name).factory
+        try:
+            inspect.signature(factory).bind(output_dir=cfg.output_dir, **options)
+        except TypeError as exc:
+            problems.append(f"{key}: {exc}")
+
+
+def _validate_job(job: JobConfig, key: str, host: Any, targets: tuple[str, ...], seen: set[str], problems: list[str]) -> None:
+    if not _JOB_NAME.match(job.name):
+        problems.append(f"{key}.name: {job.name!r} must be letters, digits, '_', '-' or '.'")
+    elif job.name in seen:
+        problems.append(f"{key}.name: duplicate job name {job.name!r}")
+    seen.add(job.name)
+    adapter_type = _lookup(host.adapters, job.adapter.type, f"{key}.adapter.type", problems)
+    if adapter_type is not None:
+        problems += [f"{key}.adapter.{p}" for p in adapter_type.validate(job.adapter, targets)]
+    loader = _lookup(host.datasets, job.data.type, f"{key}.data.type", problems)
+    if loader is not None:
+        problems += [f"{key}.data.{p}" for p in loader.validate(job.data)]
+    problems += [f"{key}.train.{p}" for p in _train_problems(job.train)]
+
+
+def _train_problems(t: TrainConfig) -> list[str]:
+    problems = []
+    for name in ("epochs", "batch_size", "micro_batch_size"):
+        if getattr(t, name) < 1:
+            problems.append(f"{name}: must be at least 1")
+    if t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size:
+        problems.append(f"batch_size: {t.batch_size} is not a multiple of micro_batch_size {t.micro_batch_size}")
+    if t.lr <= 0:
+        problems.append("lr: must be positive")
+    if t.warmup_steps < 0:
+        problems.append("warmup_steps: must be >= 0")
+    if t.lr_scheduler not in LR_SCHEDULERS:
+        problems.append(f"lr_scheduler: {t.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    if len(t.adam_betas) != 2:
+        problems.append("adam_betas: expected two numbers")
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append("max_steps: must be at least 1 or null")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        problems.append("max_grad_norm: must be positive or null")
+    return problems

@@ -1,0 +1,172 @@
+"""The training loop: schedule -> batch -> one forward -> per-job loss -> backward -> per-job step.
+
+Adapters share no parameters and each job's loss reads only its own rows, so backpropagating
+the sum of the job losses once gives every adapter exactly its own job's gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlora_core.batch import build_batch, per_job_loss_sums
+from mlora_core.config import JobConfig, MloraConfig, to_dict, validate_config
+from mlora_core.evaluate import held_out_losses
+from mlora_core.job import COMPLETED, RUNNING, Job
+from mlora_core.plugins import PluginHost
+from mlora_core.protocols import LoadedModel
+from mlora_core.routing import RowRouter
+from mlora_core.summary import SUMMARY_FORMAT, job_entry, write_json_atomic
+
+
+class Engine:
+    """Trains every job of a config together over one base model."""
+
+    def __init__(self, config: MloraConfig, host: PluginHost) -> None:
+        validate_config(config, host)  # before anything loads or is written
+        self.config = config
+        self.host = host
+        self.out = Path(config.output_dir)
+        self.router = RowRouter()
+        self.run_info: dict[str, Any] = {
+            "config": to_dict(config),
+            "output_dir": str(self.out),
+            "jobs": [j.name for j in config.jobs],
+        }
+        self.scheduler = host.schedulers.create(config.scheduler.type, config=config.scheduler)
+        self.monitors: list[Any] = []
+        self.results: dict[str, dict[str, Any]] = {}
+        self.eval_before: dict[str, float | None] = {}
+        self.steps = 0
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        self.loaded: LoadedModel = self.host.backends.create(self.config.base_model.backend).load(self.config.base_model)
+        self.model = self.loaded.model
+        self.model.train()
+        tokenizer = self.loaded.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.jobs = [self._make_job(i, jc) for i, jc in enumerate(self.config.jobs)]
+
+    def _make_job(self, order: int, jc: JobConfig) -> Job:
+        loader = self.host.datasets.create(jc.data.type)
+        data = loader.load(jc.data, self.loaded.tokenizer, jc.train.seed)
+        torch.manual_seed(jc.train.seed)  # adapter init depends on the job's seed only
+        adapter = self.host.adapters.create(jc.adapter.type).attach(self.model, jc.name, jc.adapter, self.router)
+        return Job(order, jc, adapter, data)
+
+    def _start_monitors(self) -> None:
+        for name, options in self.config.monitor.items():
+            if options is not None:
+                self.monitors.append(self.host.monitors.create(name, output_dir=str(self.out), **options))
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for monitor in self.monitors:
+            getattr(monitor, event)(*args)
+        getattr(self.host, event)(self.run_info, *args)
+
+    # --- the run --------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train every job to completion (or failure) and return the summary."""
+        started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._load()
+        self._start_monitors()
+        self._emit("on_train_start", self.run_info)
+        self.eval_before = self._evaluate(self.jobs)
+        self._emit("on_step_end", 0, {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None})
+        train_started = time.perf_counter()
+        for job in self.jobs:
+            job.started = train_started
+        while live := [j for j in self.jobs if j.status == RUNNING]:
+            self._step(live)
+        train_s = time.perf_counter() - train_started
+        summary = self._summary(time.perf_counter() - started, train_s)
+        write_json_atomic(self.out / "summary.json", summary)
+        self._emit("on_train_end", summary)
+        return summary
+
+    def _step(self, live: list[Job]) -> None:
+        """One engine step: one forward and one backward over the chosen jobs' micro-batches."""
+        names = self.scheduler.select(live)
+        by_name = {j.name: j for j in live}
+        chosen = [by_name[n] for n in names]
+        t0 = time.perf_counter()
+        batch = build_batch([(j.name, j.next_micro_batch()) for j in chosen], self.pad_id)
+        batch = batch.to(self.config.base_model.device)
+        with self.router.route(batch.segments):
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        sums = per_job_loss_sums(batch, logits)  # job -> (loss sum, learned tokens)
+        losses = {}
+        for job in chosen:
+            loss = job.scale_loss(sums[job.name][0])
+            if torch.isfinite(loss):
+                losses[job.name] = loss
+            else:
+                job.fail(f"loss became {float(loss)} at step {job.step + 1}")
+        if losses:
+            torch.stack(list(losses.values())).sum().backward()
+        seconds = time.perf_counter() - t0
+        self.steps += 1
+        self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds))
+        for job in chosen:
+            if job.status != RUNNING:
+                self._finish(job)
+
+    def _after_backward(self, chosen: list[Job], batch: Any, losses: dict[str, torch.Tensor], seconds: float) -> dict[str, dict[str, float]]:
+        metrics: dict[str, dict[str, float]] = {}
+        for job, seg in zip(chosen, batch.segments):
+            if job.name not in losses:
+                continue
+            tokens = int(batch.attention_mask[seg.start : seg.stop].sum())
+            try:
+                result = job.after_backward(float(losses[job.name]), tokens, seconds)
+            except FloatingPointError as exc:
+                job.fail(f"{exc} at step {job.step + 1}")
+                continue
+            if result is not None:
+                metrics[job.name] = result
+        return metrics
+
+    def _finish(self, job: Job) -> None:
+        """Evaluate and save a completed job, then free it; a failed job is only freed."""
+        eval_after, adapter_dir = None, None
+        if job.status == COMPLETED:
+            eval_after = self._evaluate([job]).get(job.name)
+            adapter_dir = str(self.out / job.name)
+            job.adapter.save(adapter_dir, self.loaded.name_or_path)
+            if eval_after is not None:
+                self._emit("on_step_end", self.steps, {job.name: {"eval_loss": eval_after, "step": job.step}})
+        job.release()
+        self.results[job.name] = job_entry(job, self.eval_before.get(job.name), eval_after, adapter_dir)
+        self._emit("on_job_end", job.name, self.results[job.name])
+
+    def _evaluate(self, jobs: list[Job]) -> dict[str, float | None]:
+        sets = [(j.name, j.data.eval, j.config.train.micro_batch_size) for j in jobs if j.data.eval]
+        losses = held_out_losses(self.model, self.router, sets, self.pad_id, self.config.base_model.device)
+        return {j.name: losses.get(j.name) for j in jobs}
+
+    def _summary(self, wall_s: float, train_s: float) -> dict[str, Any]:
+        tokens = sum(j.train_tokens for j in self.jobs)
+        return {
+            "format": SUMMARY_FORMAT,
+            "output_dir": str(self.out),
+            "base_model": {"backend": self.config.base_model.backend, **self.loaded.info},
+            "scheduler": self.config.scheduler.type,
+            "wall_s": round(wall_s, 3),
+            "train_s": round(train_s, 3),
+            "engine_steps": self.steps,
+            "train_tokens": tokens,
+            "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
+            "jobs": [self.results[j.name] for j in self.jobs],
+        }
+
+
+def run(config: MloraConfig, host: PluginHost) -> dict[str, Any]:
+    """Validate ``config``, train its jobs and return the summary (also in summary.json)."""
+    return Engine(config, host).run()

@@ -1,0 +1,45 @@
+"""Held-out loss of several jobs at once, through the same multi-job batches as training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mlora_core.batch import build_batch, per_job_loss_sums
+from mlora_core.protocols import Sample
+from mlora_core.routing import RowRouter
+
+
+def held_out_losses(
+    model: nn.Module,
+    router: RowRouter,
+    eval_sets: Sequence[tuple[str, Sequence[Sample], int]],
+    pad_id: int,
+    device: str,
+) -> dict[str, float | None]:
+    """Token-mean loss of each adapter on its held-out samples (None when it has none).
+
+    Args:
+        eval_sets: (adapter name, held-out samples, rows per batch) per job.
+
+    Dropout is off during evaluation; the model's train/eval mode is restored afterwards.
+    """
+    chunks = {name: [list(s[i : i + rows]) for i in range(0, len(s), rows)] for name, s, rows in eval_sets}
+    totals = {name: [0.0, 0] for name in chunks}
+    was_training = model.training
+    model.train(False)
+    try:
+        with torch.no_grad():
+            for i in range(max((len(c) for c in chunks.values()), default=0)):
+                parts = [(name, c[i]) for name, c in chunks.items() if i < len(c)]
+                batch = build_batch(parts, pad_id).to(device)
+                with router.route(batch.segments):
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                for name, (loss_sum, n) in per_job_loss_sums(batch, logits).items():
+                    totals[name][0] += float(loss_sum)
+                    totals[name][1] += n
+    finally:
+        model.train(was_training)
+    return {name: (s / n if n else None) for name, (s, n) in totals.items()}

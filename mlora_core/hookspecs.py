@@ -1,0 +1,129 @@
+"""Every hook mlora calls. Declarations only; see docs/plugins/hooks.md for the reference.
+
+Registration hooks receive ``register(name, factory)``: the core owns the names, rejects
+duplicates and lists the known names in its errors. Lifecycle hooks are broadcast: every
+implementation is called and return values are ignored. No hook here is ``firstresult``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mlora")
+hookimpl = pluggy.HookimplMarker("mlora")
+
+Register = Callable[[str, Callable[..., Any]], None]
+
+# --- registration -----------------------------------------------------------------------
+
+
+@hookspec
+def mlora_register_backends(register: Register) -> None:
+    """Register model backends (``base_model.backend``).
+
+    Called once when the plugin manager's registries are first built.
+
+    :param register: ``register(name, factory)``; ``factory()`` returns a
+        :class:`mlora_core.protocols.ModelBackend`.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def mlora_register_adapters(register: Register) -> None:
+    """Register adapter types (``jobs[].adapter.type``).
+
+    :param register: ``register(name, factory)``; ``factory()`` returns a
+        :class:`mlora_core.protocols.AdapterType`.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def mlora_register_schedulers(register: Register) -> None:
+    """Register batch schedulers (``scheduler.type``).
+
+    :param register: ``register(name, factory)``; ``factory(config)`` gets the
+        :class:`mlora_core.config.SchedulerConfig` and returns a
+        :class:`mlora_core.protocols.BatchScheduler`.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def mlora_register_datasets(register: Register) -> None:
+    """Register data loaders (``jobs[].data.type``).
+
+    :param register: ``register(name, factory)``; ``factory()`` returns a
+        :class:`mlora_core.protocols.DatasetLoader`.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def mlora_register_monitors(register: Register) -> None:
+    """Register monitors, the metric sinks named under the config's ``monitor`` section.
+
+    :param register: ``register(name, factory)``; ``factory(output_dir=..., **options)``
+        gets the run's output dir and the options from ``monitor.<name>``, and returns a
+        :class:`mlora_core.protocols.Monitor`.
+
+    .. versionadded:: 0.1
+    """
+
+
+# --- lifecycle --------------------------------------------------------------------------
+
+
+@hookspec
+def mlora_on_train_start(run: Mapping[str, Any]) -> None:
+    """Called once after the model, adapters and data are ready, before the first step.
+
+    :param run: ``config`` (the resolved config as a dict), ``output_dir`` and ``jobs``
+        (job names).
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def mlora_on_step_end(run: Mapping[str, Any], step: int, metrics: Mapping[str, Mapping[str, float]]) -> None:
+    """Called after every engine step. Must be cheap.
+
+    :param run: as in :func:`mlora_on_train_start`.
+    :param step: the engine's global step, from 1.
+    :param metrics: job name to that job's metrics for the step (``loss``, ``lr``,
+        ``tokens``, ...); only jobs that took part in the step appear.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def mlora_on_job_end(run: Mapping[str, Any], job: str, result: Mapping[str, Any]) -> None:
+    """Called when a job completes or fails, after its adapter is saved.
+
+    :param run: as in :func:`mlora_on_train_start`.
+    :param job: the job's name.
+    :param result: the job's entry of summary.json.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def mlora_on_train_end(run: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+    """Called once when every job has ended, after summary.json is written.
+
+    :param run: as in :func:`mlora_on_train_start`.
+    :param summary: the content of summary.json.
+
+    .. versionadded:: 0.1
+    """

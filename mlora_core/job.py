@@ -1,0 +1,182 @@
+"""One fine-tuning job at run time: its adapter, data order, optimizer and progress.
+
+A job's data is cut into optimizer batches of ``batch_size`` samples (per epoch, in a
+seeded order), each cut into micro-batches of ``micro_batch_size``. The loss of a
+micro-batch is the sum of its token losses divided by the number of learned tokens of the
+whole optimizer batch, so accumulating the micro-batches gives exactly the token-mean
+loss (and gradient) of the full batch, however it is split.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+import torch
+
+from mlora_core.batch import learned_tokens
+from mlora_core.config import JobConfig, TrainConfig
+from mlora_core.protocols import Adapter, Sample, SplitDataset
+
+RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+
+
+def plan_batches(n_samples: int, train: TrainConfig) -> list[list[int]]:
+    """Sample indices of every optimizer batch, in training order.
+
+    Each epoch visits the samples once, shuffled with seed ``train.seed + epoch`` (or in
+    file order when ``shuffle`` is off); the last batch of an epoch may be smaller.
+    """
+    batches = []
+    for epoch in range(train.epochs):
+        if train.shuffle:
+            generator = torch.Generator().manual_seed(train.seed + epoch)
+            order = torch.randperm(n_samples, generator=generator).tolist()
+        else:
+            order = list(range(n_samples))
+        batches += [order[i : i + train.batch_size] for i in range(0, n_samples, train.batch_size)]
+    return batches[: train.max_steps] if train.max_steps else batches
+
+
+def lr_multiplier(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """LR factor at optimizer step ``s``: linear warmup to 1, then linear/cosine decay to 0, or constant."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return s / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+class Job:
+    """A live job. The engine feeds it micro-batch losses; it steps its own optimizer."""
+
+    def __init__(self, order: int, config: JobConfig, adapter: Adapter, data: SplitDataset) -> None:
+        self.name = config.name
+        self.order = order
+        self.config = config
+        self.adapter = adapter
+        self.data = data
+        t = config.train
+        self.params = adapter.parameters()
+        self.optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
+            self.params, lr=t.lr, betas=(t.adam_betas[0], t.adam_betas[1]), eps=t.adam_eps, weight_decay=t.weight_decay
+        )
+        self.batches = plan_batches(len(data.train), t)
+        self.total_steps = len(self.batches)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(t.lr_scheduler, t.warmup_steps, self.total_steps)
+        )
+        self.step = 0  # optimizer steps done
+        self.micro = 0  # micro-batches done in the current optimizer batch
+        self.status = RUNNING
+        self.error: str | None = None
+        self.train_tokens = 0  # non-pad tokens trained on
+        self.batch_loss = 0.0  # running token-mean loss of the current optimizer batch
+        self.batch_tokens = 0  # non-pad tokens of the current optimizer batch so far
+        self.batch_seconds = 0.0  # wall time of the engine steps this batch took part in
+        self.final_train_loss: float | None = None
+        self.started = time.perf_counter()
+        self.ended: float | None = None
+        self.denominator = self._batch_denominator()
+
+    # --- what the scheduler sees --------------------------------------------------------
+
+    def _micro_batches(self) -> list[list[int]]:
+        size = self.config.train.micro_batch_size
+        batch = self.batches[self.step]
+        return [batch[i : i + size] for i in range(0, len(batch), size)]
+
+    def next_micro_batch(self) -> list[Sample]:
+        return [self.data.train[i] for i in self._micro_batches()[self.micro]]
+
+    def peek_lengths(self) -> list[int]:
+        return [len(s) for s in self.next_micro_batch()]
+
+    @property
+    def remaining_micro_batches(self) -> int:
+        if self.status != RUNNING:
+            return 0
+        size = self.config.train.micro_batch_size
+        later = sum(math.ceil(len(b) / size) for b in self.batches[self.step + 1 :])
+        return later + len(self._micro_batches()) - self.micro
+
+    # --- training -----------------------------------------------------------------------
+
+    def _batch_denominator(self) -> int:
+        if self.step >= self.total_steps:
+            return 1
+        return sum(learned_tokens(self.data.train[i]) for i in self.batches[self.step])
+
+    def scale_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the optimizer batch's token-mean loss."""
+        return loss_sum / self.denominator
+
+    def after_backward(self, scaled_loss: float, tokens: int, seconds: float) -> dict[str, float] | None:
+        """Record a micro-batch; at the end of an optimizer batch, step and return its metrics.
+
+        Args:
+            scaled_loss: the micro-batch's loss from :meth:`scale_loss`.
+            tokens: non-pad tokens of the job's rows in the micro-batch.
+            seconds: wall time of the engine step the micro-batch was part of.
+        """
+        self.batch_loss += scaled_loss
+        self.batch_tokens += tokens
+        self.batch_seconds += seconds
+        self.train_tokens += tokens
+        self.micro += 1
+        if self.micro < len(self._micro_batches()):
+            return None
+        return self._optimizer_step()
+
+    def _optimizer_step(self) -> dict[str, float]:
+        assert self.optimizer is not None
+        max_norm = self.config.train.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient norm is {float(grad_norm)}")
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, self.batch_loss = self.batch_loss, 0.0
+        tokens_per_s = self.batch_tokens / max(self.batch_seconds, 1e-9)
+        self.batch_tokens, self.batch_seconds = 0, 0.0
+        self.final_train_loss = loss
+        self.step += 1
+        self.micro = 0
+        self.denominator = self._batch_denominator()
+        if self.step >= self.total_steps:
+            self.status = COMPLETED
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_per_s,
+        }
+
+    def fail(self, reason: str) -> None:
+        self.status = FAILED
+        self.error = reason
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def release(self) -> None:
+        """Free the optimizer state and the adapter's weights (after saving)."""
+        self.optimizer = None
+        self.lr_schedule = None  # type: ignore[assignment]
+        self.adapter.detach()
+        self.params = []
+        self.ended = self.ended or time.perf_counter()
+
+    @property
+    def latency_s(self) -> float:
+        return (self.ended or time.perf_counter()) - self.started

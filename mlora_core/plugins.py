@@ -1,0 +1,200 @@
+"""The plugin manager: built-in plugins, third-party entry points, name registries.
+
+Built-in plugins are entry points of mlora's own distribution and load through the same
+path as a third-party package's. :func:`create_plugin_manager` builds a fresh host on
+every call (no global state), so tests can build one with only the plugins they want.
+
+Environment variables:
+
+- ``MLORA_DISABLE_PLUGIN_AUTOLOAD=1``: load no third-party entry points (built-ins still load).
+- ``MLORA_DISABLED_PLUGINS=a,b``: block plugins by entry-point name (built-ins too).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from mlora_core import hookspecs
+from mlora_core.errors import PluginError
+from mlora_core.registry import Registry
+
+#: The distribution that ships mlora and its built-in plugins.
+DIST_NAME = "mlora-trainer"
+ENTRY_POINT_GROUP = "mlora"
+
+#: Registry kind -> the registration hook that fills it.
+REGISTRATION_HOOKS: dict[str, str] = {
+    "backend": "mlora_register_backends",
+    "adapter type": "mlora_register_adapters",
+    "scheduler": "mlora_register_schedulers",
+    "data loader": "mlora_register_datasets",
+    "monitor": "mlora_register_monitors",
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One registered plugin, for ``mlora plugins``."""
+
+    name: str
+    distribution: str
+    version: str
+    hooks: tuple[str, ...]
+
+
+class PluginHost:
+    """A plugin manager plus the registries its plugins fill, with typed hook calls."""
+
+    def __init__(self, pm: pluggy.PluginManager, distributions: Mapping[str, tuple[str, str]]) -> None:
+        self.pm = pm
+        self._distributions = dict(distributions)
+        self._registries: dict[str, Registry] | None = None
+
+    # --- registries ---------------------------------------------------------------------
+
+    def registry(self, kind: str) -> Registry:
+        """The registry of ``kind`` (a key of REGISTRATION_HOOKS), built on first use."""
+        if self._registries is None:
+            self._registries = {k: self._build_registry(k, hook) for k, hook in REGISTRATION_HOOKS.items()}
+        return self._registries[kind]
+
+    def _build_registry(self, kind: str, hook_name: str) -> Registry:
+        registry = Registry(kind)
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            register = partial(_register_as, registry, impl.plugin_name)
+            impl.function(register=register)
+        return registry
+
+    @property
+    def backends(self) -> Registry:
+        return self.registry("backend")
+
+    @property
+    def adapters(self) -> Registry:
+        return self.registry("adapter type")
+
+    @property
+    def schedulers(self) -> Registry:
+        return self.registry("scheduler")
+
+    @property
+    def datasets(self) -> Registry:
+        return self.registry("data loader")
+
+    @property
+    def monitors(self) -> Registry:
+        return self.registry("monitor")
+
+    # --- introspection ------------------------------------------------------------------
+
+    def distribution_of(self, plugin_name: str) -> tuple[str, str]:
+        """(distribution, version) that provides ``plugin_name``; in-process plugins say so."""
+        return self._distributions.get(plugin_name, ("(in-process)", ""))
+
+    def plugins(self) -> list[PluginInfo]:
+        """Every registered plugin with the hooks it implements, in registration order."""
+        infos = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            hooks = tuple(sorted(c.name for c in self.pm.get_hookcallers(plugin) or ()))
+            dist, version = self.distribution_of(name)
+            infos.append(PluginInfo(name, dist, version, hooks))
+        return infos
+
+    # --- lifecycle hooks (typed facade) -------------------------------------------------
+
+    def on_train_start(self, run: Mapping[str, Any]) -> None:
+        self.pm.hook.mlora_on_train_start(run=run)
+
+    def on_step_end(self, run: Mapping[str, Any], step: int, metrics: Mapping[str, Mapping[str, float]]) -> None:
+        self.pm.hook.mlora_on_step_end(run=run, step=step, metrics=metrics)
+
+    def on_job_end(self, run: Mapping[str, Any], job: str, result: Mapping[str, Any]) -> None:
+        self.pm.hook.mlora_on_job_end(run=run, job=job, result=result)
+
+    def on_train_end(self, run: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        self.pm.hook.mlora_on_train_end(run=run, summary=summary)
+
+
+def _register_as(registry: Registry, plugin: str, name: str, factory: Callable[..., Any]) -> None:
+    registry.register(name, factory, plugin=plugin)
+
+
+def create_plugin_manager(
+    *, autoload: bool = True, extra: Iterable[object] = (), blocked: Iterable[str] = ()
+) -> PluginHost:
+    """Build a fresh plugin host.
+
+    Order: mlora's own entry points (the built-ins), then, unless ``autoload`` is false
+    or ``MLORA_DISABLE_PLUGIN_AUTOLOAD`` is set, other distributions' entry points, then
+    the ``extra`` plugin objects (tests, notebooks). Names in ``blocked`` and in
+    ``MLORA_DISABLED_PLUGINS`` are not loaded.
+
+    Raises:
+        PluginError: mlora's distribution is not installed, or a plugin has a bad hook.
+    """
+    pm = pluggy.PluginManager("mlora")
+    pm.add_hookspecs(hookspecs)
+    blocked_names = set(blocked) | _env_list("MLORA_DISABLED_PLUGINS")
+    for name in blocked_names:
+        pm.set_blocked(name)
+    if os.environ.get("MLORA_DISABLE_PLUGIN_AUTOLOAD"):
+        autoload = False
+
+    builtin, third_party = _entry_points()
+    distributions: dict[str, tuple[str, str]] = {}
+    for ep in builtin + (third_party if autoload else []):
+        if pm.is_blocked(ep.name):
+            continue
+        _load_entry_point(pm, ep, distributions)
+    for i, obj in enumerate(extra):
+        pm.register(obj, name=getattr(obj, "__name__", None) or f"{type(obj).__name__}-{i}")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"a plugin implements an unknown hook: {exc}") from exc
+    return PluginHost(pm, distributions)
+
+
+def _entry_points() -> tuple[list[metadata.EntryPoint], list[metadata.EntryPoint]]:
+    """(built-in, third-party) entry points of the ``mlora`` group."""
+    eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    builtin = [ep for ep in eps if ep.dist is not None and ep.dist.name == DIST_NAME]
+    if not builtin:
+        raise PluginError(
+            f"mlora's built-in plugins are not registered: the {DIST_NAME!r} distribution is not "
+            "installed. Install it (for a checkout: pip install -e .)."
+        )
+    third_party = [ep for ep in eps if ep not in builtin]
+    return builtin, third_party
+
+
+def _load_entry_point(
+    pm: pluggy.PluginManager, ep: metadata.EntryPoint, distributions: dict[str, tuple[str, str]]
+) -> None:
+    dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else ("(unknown)", "")
+    try:
+        plugin = ep.load()
+    except Exception as exc:  # a broken third-party plugin must not take mlora down
+        if dist[0] == DIST_NAME:
+            raise
+        warnings.warn(f"skipping plugin {ep.name!r} from distribution {dist[0]}: {exc!r}", stacklevel=2)
+        return
+    try:
+        pm.register(plugin, name=ep.name)
+    except (ValueError, pluggy.PluginValidationError) as exc:
+        raise PluginError(f"plugin {ep.name!r} from distribution {dist[0]} cannot be registered: {exc}") from exc
+    distributions[ep.name] = dist
+
+
+def _env_list(var: str) -> set[str]:
+    return {part.strip() for part in os.environ.get(var, "").split(",") if part.strip()}

@@ -1,0 +1,156 @@
+"""The contracts plugins implement. The core only talks to plugins through these."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mlora_core.config import AdapterConfig, BaseModelConfig, DataConfig
+    from mlora_core.routing import RowRouter
+
+
+# --- model backends -------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A frozen base model ready for adapters.
+
+    ``model(input_ids=(B, T), attention_mask=(B, T))`` must return an object whose
+    ``logits`` are ``(B, T, vocab)``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    name_or_path: str
+    #: Extra facts for summary.json (dtype, parameter bytes, ...).
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelBackend(Protocol):
+    """Loads one model family."""
+
+    #: Short names of the linear layers adapters may target (``q_proj``, ...).
+    target_modules: tuple[str, ...]
+
+    def validate(self, config: BaseModelConfig) -> list[str]:
+        """Problems with ``config`` found without loading the model (missing files, ...)."""
+        ...
+
+    def load(self, config: BaseModelConfig) -> LoadedModel:
+        """Load the base model and tokenizer, frozen (no parameter requires grad)."""
+        ...
+
+
+# --- adapters -------------------------------------------------------------------------
+
+
+class Adapter(Protocol):
+    """One job's adapter, attached to the shared base model."""
+
+    name: str
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters (fp32), and nothing else."""
+        ...
+
+    def save(self, directory: str, base_model_name_or_path: str) -> None:
+        """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        ...
+
+    def detach(self) -> None:
+        """Remove the adapter's weights from the base model, freeing them."""
+        ...
+
+
+class AdapterType(Protocol):
+    """Builds adapters of one kind (LoRA, ...)."""
+
+    def validate(self, config: AdapterConfig, target_modules: Sequence[str]) -> list[str]:
+        """Problems with ``config``; ``target_modules`` are the backend's allowed names."""
+        ...
+
+    def attach(self, model: nn.Module, name: str, config: AdapterConfig, router: RowRouter) -> Adapter:
+        """Add adapter ``name`` to ``model``; its layers read their rows from ``router``."""
+        ...
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tokenized training example. ``labels[i]`` is ``input_ids[i]`` or -100 (not learned)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class SplitDataset:
+    """A job's tokenized data: training samples and held-out samples."""
+
+    train: list[Sample]
+    eval: list[Sample]
+
+
+class DatasetLoader(Protocol):
+    """Reads one data format into tokenized samples."""
+
+    def validate(self, config: DataConfig) -> list[str]:
+        """Problems found without a tokenizer (missing file, unknown template, ...)."""
+        ...
+
+    def load(self, config: DataConfig, tokenizer: Any, seed: int) -> SplitDataset:
+        """Read, template, tokenize and split the data."""
+        ...
+
+
+# --- scheduling -----------------------------------------------------------------------
+
+
+@runtime_checkable
+class JobView(Protocol):
+    """What a scheduler may know about a live job."""
+
+    name: str
+    #: Position in admission order (0 = first job in the config).
+    order: int
+
+    @property
+    def remaining_micro_batches(self) -> int: ...
+
+    def peek_lengths(self) -> list[int]:
+        """Token lengths of the samples in the job's next micro-batch."""
+        ...
+
+
+class BatchScheduler(Protocol):
+    """Decides which live jobs contribute their next micro-batch to a step."""
+
+    def select(self, jobs: Sequence[JobView]) -> list[str]:
+        """Names of the jobs (a non-empty subset of ``jobs`` when ``jobs`` is non-empty)."""
+        ...
+
+
+# --- monitors -------------------------------------------------------------------------
+
+
+class Monitor(Protocol):
+    """Receives run events; metrics are plain floats keyed by name."""
+
+    def on_train_start(self, run: Mapping[str, Any]) -> None: ...
+
+    def on_step_end(self, step: int, metrics: Mapping[str, Mapping[str, float]]) -> None: ...
+
+    def on_job_end(self, job: str, result: Mapping[str, Any]) -> None: ...
+
+    def on_train_end(self, summary: Mapping[str, Any]) -> None: ...

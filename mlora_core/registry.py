@@ -1,0 +1,73 @@
+"""Name registries: the core owns component names, catches duplicates and lists known names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from mlora_core.errors import PluginError, UnknownComponentError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component: its name, its factory and the plugin that registered it."""
+
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+
+
+class Registry:
+    """Maps lowercase snake_case names of one kind of component ("scheduler", ...) to factories."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, factory: Callable[..., Any], *, plugin: str) -> None:
+        """Add ``name``; raises PluginError on a bad or duplicate name, naming both plugins."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise PluginError(
+                f"plugin {plugin!r} registered {self.kind} name {name!r}: "
+                "names must be lowercase snake_case"
+            )
+        if not callable(factory):
+            raise PluginError(f"plugin {plugin!r} registered {self.kind} {name!r} with a non-callable factory")
+        if name in self._entries:
+            other = self._entries[name].plugin
+            raise PluginError(
+                f"duplicate {self.kind} name {name!r}: registered by plugin {other!r} "
+                f"and again by plugin {plugin!r}"
+            )
+        self._entries[name] = Entry(name, factory, plugin)
+
+    def get(self, name: str) -> Entry:
+        """The entry for ``name``; raises UnknownComponentError listing the known names."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownComponentError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        known = ", ".join(sorted(self._entries)) or "(none registered)"
+        return f"unknown {self.kind} {name!r}; known: {known}"
+
+    def create(self, name: str, **kwargs: Any) -> Any:
+        """Build the component registered as ``name`` with ``kwargs``."""
+        return self.get(name).factory(**kwargs)
+
+    @property
+    def entries(self) -> Mapping[str, Entry]:
+        """A read-only view of the registered entries."""
+        return MappingProxyType(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))

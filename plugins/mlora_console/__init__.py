@@ -1,0 +1,1 @@
+"""Built-in terminal progress monitor for mlora."""

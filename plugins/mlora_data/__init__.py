@@ -1,0 +1,1 @@
+"""Built-in data loaders and prompt templates for mlora."""

@@ -1,0 +1,1 @@
+"""Built-in LLaMA-family model backend for mlora."""

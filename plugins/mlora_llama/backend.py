@@ -1,0 +1,65 @@
+"""LLaMA-family base models: a Hugging Face checkpoint directory or a single ``.gguf`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlora_core.config import BaseModelConfig
+from mlora_core.errors import MloraError
+from mlora_core.paths import resolve_model_path
+from mlora_core.protocols import LoadedModel
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+class LlamaBackend:
+    """Loads ``LlamaForCausalLM`` through transformers, frozen, with its tokenizer."""
+
+    target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def validate(self, config: BaseModelConfig) -> list[str]:
+        try:
+            path = resolve_model_path(config.path)
+        except MloraError as exc:
+            return [f"path: {exc}"]
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                return [f"path: {path} has no config.json (expected a Hugging Face checkpoint directory)"]
+        elif not path.is_file():
+            return [f"path: {path} does not exist"]
+        elif path.suffix != ".gguf":
+            return [f"path: {path} is a file but not a .gguf file"]
+        if not (config.device == "cpu" or config.device.startswith("cuda")):
+            return [f"device: {config.device!r} is not 'cpu' or 'cuda[:N]'"]
+        return []
+
+    def load(self, config: BaseModelConfig) -> LoadedModel:
+        import torch
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        path = resolve_model_path(config.path)
+        dtype = getattr(torch, TORCH_DTYPES[config.dtype])
+        kwargs: dict[str, Any] = {}
+        source = path
+        if path.is_file():  # a .gguf file: transformers dequantizes it on load
+            source, kwargs["gguf_file"] = path.parent, path.name
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = LlamaForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        if model.config.model_type != "llama":
+            raise MloraError(f"{path}: model_type is {model.config.model_type!r}, not 'llama'")
+        model.requires_grad_(False)
+        model.config.use_cache = False
+        model.to(config.device)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return LoadedModel(
+            model=model,
+            tokenizer=tokenizer,
+            name_or_path=str(path),
+            info={"dtype": config.dtype, "parameter_bytes": _parameter_bytes(model), "source": str(path)},
+        )
+
+
+def _parameter_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

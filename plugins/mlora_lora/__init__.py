@@ -1,0 +1,1 @@
+"""Built-in LoRA adapter type for mlora."""

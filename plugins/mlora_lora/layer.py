@@ -1,0 +1,78 @@
+"""A frozen linear layer with several LoRA adapters, each applied to its own rows.
+
+LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models", §4.1):
+``h = W0 x + (alpha / r) * B A x`` with ``A`` (r x in) Kaiming-initialised and ``B``
+(out x r) zero-initialised, so an adapter starts as the identity on the base output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mlora_core.routing import RowRouter
+
+
+class LoraLinear(nn.Module):
+    """Wraps ``base_layer`` (frozen); adapters are kept per name, as in PEFT.
+
+    Which rows each adapter applies to comes from ``router.segments``; rows whose
+    segment names no adapter of this layer get the base output unchanged.
+    """
+
+    def __init__(self, base_layer: nn.Linear, router: RowRouter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.router = router
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float) -> None:
+        """Add adapter ``name`` with fp32 weights on the base layer's device."""
+        device = self.base_layer.weight.device
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / r
+
+    def remove_adapter(self, name: str) -> None:
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        del self.scaling[name]
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s update for input ``x`` (..., in) -> (..., out), in fp32."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(a.weight.dtype))
+        return b(a(x)) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, in) -> (B, T, out); each segment's rows get their own adapter."""
+        result = self.base_layer(x)  # (B, T, out)
+        segments = self.router.segments
+        if not any(seg.adapter in self.lora_A for seg in segments):
+            return result
+        if segments[-1].stop != x.shape[0]:
+            raise ValueError(f"row segments cover {segments[-1].stop} rows, the batch has {x.shape[0]}")
+        pieces = []
+        for seg in segments:
+            part = result[seg.start : seg.stop]  # (rows_j, T, out)
+            if seg.adapter in self.lora_A:
+                part = part + self.delta(seg.adapter, x[seg.start : seg.stop]).to(part.dtype)
+            pieces.append(part)
+        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]

@@ -1,0 +1,12 @@
+"""Registers the ``lora`` adapter type."""
+
+from __future__ import annotations
+
+from mlora_core.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def mlora_register_adapters(register: Register) -> None:
+    from mlora_lora.adapter import LoraAdapterType
+
+    register("lora", LoraAdapterType)

@@ -1,0 +1,1 @@
+"""Built-in batch schedulers for mlora."""

@@ -1,0 +1,1 @@
+"""Built-in TensorBoard monitor for mlora."""

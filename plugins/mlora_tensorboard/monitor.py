@@ -1,0 +1,44 @@
+"""Writes per-job scalars to TensorBoard event files.
+
+Tags are ``<job>/<metric>`` (``sql/train_loss``, ``sql/lr``, ``sql/eval_loss``, ...), with
+the job's optimizer step as the x axis, so each job has its own curves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+#: Metric name in the engine's step metrics -> TensorBoard tag suffix.
+SCALARS = {
+    "loss": "train_loss",
+    "lr": "lr",
+    "grad_norm": "grad_norm",
+    "tokens_per_s": "tokens_per_s",
+    "eval_loss": "eval_loss",
+}
+
+
+class TensorBoardMonitor:
+    def __init__(self, output_dir: str, log_dir: str | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir) if log_dir else Path(output_dir) / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def on_train_start(self, run: Mapping[str, Any]) -> None:
+        self.writer.add_text("config", f"```\n{run['config']}\n```")
+
+    def on_step_end(self, step: int, metrics: Mapping[str, Mapping[str, float]]) -> None:
+        for job, values in metrics.items():
+            x = int(values.get("step", step))
+            for key, tag in SCALARS.items():
+                if key in values:
+                    self.writer.add_scalar(f"{job}/{tag}", values[key], x)
+
+    def on_job_end(self, job: str, result: Mapping[str, Any]) -> None:
+        self.writer.flush()
+
+    def on_train_end(self, summary: Mapping[str, Any]) -> None:
+        self.writer.close()

@@ -1,0 +1,12 @@
+"""Registers the ``tensorboard`` monitor."""
+
+from __future__ import annotations
+
+from mlora_core.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def mlora_register_monitors(register: Register) -> None:
+    from mlora_tensorboard.monitor import TensorBoardMonitor
+
+    register("tensorboard", TensorBoardMonitor)
