@@ -65,31 +65,55 @@ class Engine:
                 self.monitors.append(self.host.monitors.create(name, output_dir=str(self.out), **options))
 
     def _emit(self, event: str, *args: Any) -> None:
+        """Tell the monitors, then the lifecycle hooks (which also get the run info first)."""
         for monitor in self.monitors:
             getattr(monitor, event)(*args)
-        getattr(self.host, event)(self.run_info, *args)
+        hook_args = args if event == "on_train_start" else (self.run_info, *args)
+        getattr(self.host, event)(*hook_args)
 
     # --- the run --------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Train every job to completion (or failure) and return the summary."""
-        started = time.perf_counter()
+    def setup(self) -> None:
+        """Create the output dir, load the base model, attach every job's adapter, start monitors."""
+        self._started = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         self._load()
         self._start_monitors()
+
+    def train(self) -> dict[str, Any]:
+        """Train every job to completion (or failure), write summary.json and return it."""
         self._emit("on_train_start", self.run_info)
         self.eval_before = self._evaluate(self.jobs)
         self._emit("on_step_end", 0, {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None})
         train_started = time.perf_counter()
         for job in self.jobs:
             job.started = train_started
-        while live := [j for j in self.jobs if j.status == RUNNING]:
-            self._step(live)
+        try:
+            while live := [j for j in self.jobs if j.status == RUNNING]:
+                self._step(live)
+        except BaseException as exc:  # record what happened, then let it propagate
+            self._abort("interrupted" if isinstance(exc, KeyboardInterrupt) else f"run failed: {exc!r}", train_started)
+            raise
         train_s = time.perf_counter() - train_started
-        summary = self._summary(time.perf_counter() - started, train_s)
+        summary = self._summary(time.perf_counter() - self._started, train_s)
         write_json_atomic(self.out / "summary.json", summary)
         self._emit("on_train_end", summary)
         return summary
+
+    def _abort(self, reason: str, train_started: float) -> None:
+        """Mark the unfinished jobs failed (nothing saved) and write the summary as it stands."""
+        for job in self.jobs:
+            if job.status == RUNNING:
+                job.fail(reason)
+                self._finish(job)
+        summary = self._summary(time.perf_counter() - self._started, time.perf_counter() - train_started)
+        write_json_atomic(self.out / "summary.json", summary)
+        self._emit("on_train_end", summary)
+
+    def run(self) -> dict[str, Any]:
+        """:meth:`setup`, then :meth:`train`."""
+        self.setup()
+        return self.train()
 
     def _step(self, live: list[Job]) -> None:
         """One engine step: one forward and one backward over the chosen jobs' micro-batches."""
@@ -108,7 +132,7 @@ class Engine:
             if torch.isfinite(loss):
                 losses[job.name] = loss
             else:
-                job.fail(f"loss became {float(loss)} at step {job.step + 1}")
+                job.fail(f"loss became {loss.item()} at step {job.step + 1}")
         if losses:
             torch.stack(list(losses.values())).sum().backward()
         seconds = time.perf_counter() - t0
@@ -125,7 +149,7 @@ class Engine:
                 continue
             tokens = int(batch.attention_mask[seg.start : seg.stop].sum())
             try:
-                result = job.after_backward(float(losses[job.name]), tokens, seconds)
+                result = job.after_backward(losses[job.name].item(), tokens, seconds)
             except FloatingPointError as exc:
                 job.fail(f"{exc} at step {job.step + 1}")
                 continue

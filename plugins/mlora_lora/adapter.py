@@ -39,7 +39,18 @@ class LoraAdapter:
         for path, layer in self.layers.items():
             state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[self.name].weight
             state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[self.name].weight
-        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy weights saved under PEFT's key names (as :meth:`state_dict` writes them) into the adapter."""
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise MloraError(f"adapter {self.name!r}: state does not match (missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                layer.lora_A[self.name].weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_A.weight"])
+                layer.lora_B[self.name].weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_B.weight"])
 
     def peft_config(self, base_model_name_or_path: str) -> dict[str, object]:
         """The adapter_config.json that PEFT's LoraConfig reads."""

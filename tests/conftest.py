@@ -1,0 +1,122 @@
+"""Shared fixtures: a tiny random LLaMA checkpoint with a locally trained tokenizer, alpaca data, configs."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mlora_core.plugins import PluginHost, create_plugin_manager
+
+WORDS = "apple river planet garden window silver orange rocket pencil basket candle forest guitar island".split()
+
+
+def alpaca_records(n: int, seed: int, kind: str = "reverse") -> list[dict[str, str]]:
+    """Synthetic alpaca records of varied lengths."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(1, 4))
+        text = " ".join(words)
+        if kind == "reverse":
+            records.append({"instruction": "Reverse the words.", "input": text, "output": " ".join(reversed(words))})
+        else:
+            records.append({"instruction": f"Repeat: {text}", "input": "", "output": text.upper()})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random LlamaForCausalLM (safetensors) with a byte-level BPE tokenizer, built locally."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    from mlora_data.templates import ALPACA
+
+    records = alpaca_records(200, 0) + alpaca_records(200, 1, "repeat")
+    corpus = [ALPACA.prompt(r["instruction"], r["input"]) + r["output"] for r in records]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture
+def host() -> PluginHost:
+    """Built-in plugins only: no third-party entry points."""
+    return create_plugin_manager(autoload=False)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", alpaca_records(40, 1))
+    write_jsonl(d / "b.jsonl", alpaca_records(30, 2, "repeat"))
+    write_jsonl(d / "c.jsonl", alpaca_records(24, 3))
+    return d
+
+
+def job(name: str, data: Path, **train: Any) -> dict[str, Any]:
+    """A job dict with small, quick defaults; ``adapter=`` and ``data_opts=`` override sections."""
+    adapter = train.pop("adapter", {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    data_opts = train.pop("data_opts", {})
+    settings = {"epochs": 1, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "max_steps": 3, **train}
+    return {
+        "name": name,
+        "adapter": adapter,
+        "data": {"type": "alpaca", "path": str(data), "cutoff_len": 256, "val_set_size": 4, **data_opts},
+        "train": settings,
+    }
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, tiny_llama_dir: Path) -> Callable[..., Path]:
+    """Write a YAML config over the tiny model; returns its path."""
+
+    def make(jobs: list[dict[str, Any]], **top: Any) -> Path:
+        cfg: dict[str, Any] = {
+            "base_model": {"backend": "llama", "path": str(tiny_llama_dir), "dtype": "fp32"},
+            "scheduler": {"type": "trivial"},
+            "monitor": {"console": None},
+            "output_dir": str(tmp_path / "out"),
+            "jobs": jobs,
+        }
+        for key, value in top.items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return make

@@ -1,0 +1,94 @@
+"""Config loading and validation: every problem named with its key path, before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import job
+from mlora_core.cli import main
+from mlora_core.config import load_config, validate_config
+from mlora_core.errors import ConfigError
+
+
+def _edit(path: Path, change) -> Path:
+    cfg = yaml.safe_load(path.read_text())
+    change(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+BAD = {
+    "unknown key": (lambda c: c["jobs"][0]["train"].update(lrr=1), r"jobs\[0\]\.train\.lrr: Key 'lrr' not in 'TrainConfig'"),
+    "unknown top-level key": (lambda c: c.update(trainer={}), r"trainer: unknown key"),
+    "wrong type": (lambda c: c["jobs"][0]["adapter"].update(r="eight"), r"jobs\[0\]\.adapter\.r: Value 'eight'"),
+    "missing data file": (lambda c: c["jobs"][1]["data"].update(path="nope.jsonl"), r"jobs\[1\]\.data\.path: data file not found: nope.jsonl"),
+    "unknown scheduler": (lambda c: c["scheduler"].update(type="foo"), r"scheduler.type: unknown scheduler 'foo'; known: trivial"),
+    "unknown adapter type": (lambda c: c["jobs"][0]["adapter"].update(type="dora"), r"jobs\[0\]\.adapter\.type: unknown adapter type 'dora'; known: lora"),
+    "unknown monitor": (lambda c: c["monitor"].update(wandb={}), r"monitor.wandb: unknown monitor 'wandb'; known: console, tensorboard"),
+    "unknown target module": (lambda c: c["jobs"][0]["adapter"].update(target_modules=["qkv"]), r"jobs\[0\]\.adapter\.target_modules: unknown \['qkv'\]"),
+    "missing model": (lambda c: c["base_model"].update(path="/no/such/model"), r"base_model: path: /no/such/model does not exist"),
+    "bad batch split": (lambda c: c["jobs"][0]["train"].update(batch_size=5), r"jobs\[0\]\.train\.batch_size: 5 is not a multiple"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_fails_before_loading_with_key_path(case, make_config, data_dir, tmp_path, capsys):
+    change, message = BAD[case]
+    path = _edit(make_config([job("a", data_dir / "a.jsonl"), job("b", data_dir / "b.jsonl")]), change)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_every_problem_is_reported_at_once(make_config, data_dir):
+    def break_three(c):
+        c["jobs"][0]["train"]["lrr"] = 1
+        c["jobs"][1]["adapter"]["r"] = "x"
+        c["base_model"]["dtypo"] = "bf16"
+
+    path = _edit(make_config([job("a", data_dir / "a.jsonl"), job("b", data_dir / "b.jsonl")]), break_three)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert len(info.value.problems) == 3
+
+
+def test_command_line_overrides_any_key(make_config, data_dir, tmp_path, host):
+    path = make_config([job("a", data_dir / "a.jsonl"), job("b", data_dir / "b.jsonl")])
+    cfg = load_config(path, ["jobs.1.train.lr=0.05", f"output_dir={tmp_path / 'elsewhere'}", "jobs.0.adapter.target_modules=[k_proj]"])
+    assert cfg.jobs[1].train.lr == 0.05
+    assert cfg.output_dir == str(tmp_path / "elsewhere")
+    assert cfg.jobs[0].adapter.target_modules == ["k_proj"]
+    validate_config(cfg, host)
+    with pytest.raises(ConfigError, match=r"jobs\[0\]\.train\.bogus: Key 'bogus' not in 'TrainConfig'"):
+        load_config(path, ["jobs.0.train.bogus=1"])
+
+
+def test_interpolation_resolves_output_dir(make_config, data_dir):
+    path = make_config([job("a", data_dir / "a.jsonl")], monitor={"tensorboard": {"log_dir": "${output_dir}/tb"}})
+    cfg = load_config(path, ["output_dir=/tmp/x"])
+    assert cfg.monitor["tensorboard"]["log_dir"] == "/tmp/x/tb"
+
+
+def test_validate_command_checks_without_writing(make_config, data_dir, tmp_path, capsys):
+    path = make_config([job("a", data_dir / "a.jsonl")])
+    assert main(["validate", str(path)]) == 0
+    assert "OK (1 job(s): a)" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_data_line_is_reported_with_file_and_line(make_config, data_dir, capsys):
+    bad = data_dir / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x", "output": \n')
+    path = make_config([job("a", data_dir / "a.jsonl"), job("b", bad)])
+    assert main(["validate", str(path)]) == 2
+    assert f"jobs[1].data.path: {bad}:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_missing_config_file(capsys):
+    assert main(["validate", "does-not-exist.yaml"]) == 2
+    assert "config file not found" in capsys.readouterr().err

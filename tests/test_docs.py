@@ -1,0 +1,73 @@
+"""The docs name every hook, every config key and every per-job summary field (no model needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mlora_core import hookspecs
+from mlora_core.config import MloraConfig
+from mlora_core.summary import job_entry
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def hookspec_signatures() -> list[str]:
+    """``name(arg1, arg2)`` for every hookspec function."""
+    out = []
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if name.startswith("mlora_"):
+            params = ", ".join(inspect.signature(fn).parameters)
+            out.append(f"{name}({params})")
+    return out
+
+
+def config_paths(cls: type = MloraConfig, prefix: str = "") -> list[str]:
+    """Full dotted path of every field, recursively; list-of-dataclass fields use ``name[]``."""
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for field in dataclasses.fields(cls):
+        path = f"{prefix}{field.name}"
+        paths.append(path)
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            paths += config_paths(hint, f"{path}.")
+        elif typing.get_origin(hint) is list:
+            (item,) = typing.get_args(hint)
+            if dataclasses.is_dataclass(item):
+                paths += config_paths(item, f"{path}[].")
+    return paths
+
+
+def job_entry_fields() -> list[str]:
+    stand_in = SimpleNamespace(
+        name="j", status="completed", error=None, step=1, total_steps=1,
+        train_tokens=10, final_train_loss=1.0, latency_s=0.5,
+    )
+    return list(job_entry(stand_in, 2.0, 1.0, "out/j"))
+
+
+def test_discovery_finds_things() -> None:
+    assert len(hookspec_signatures()) >= 9
+    assert "jobs[].train.lr" in config_paths()
+    assert "adapter_dir" in job_entry_fields()
+
+
+@pytest.mark.parametrize("signature", hookspec_signatures())
+def test_every_hook_is_documented(signature: str) -> None:
+    assert signature in (DOCS / "plugins" / "hooks.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("path", config_paths())
+def test_every_config_key_is_documented(path: str) -> None:
+    assert f"`{path}`" in (DOCS / "config.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("field", job_entry_fields())
+def test_every_summary_job_field_is_documented(field: str) -> None:
+    assert f"`{field}`" in (DOCS / "summary.md").read_text(encoding="utf-8")

@@ -1,0 +1,167 @@
+"""The plugin manager, registries and in-process plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from conftest import job
+from mlora_core.config import load_config, validate_config
+from mlora_core.engine import run
+from mlora_core.errors import ConfigError, PluginError, UnknownComponentError
+from mlora_core.hookspecs import hookimpl
+from mlora_core.plugins import REGISTRATION_HOOKS, create_plugin_manager
+from mlora_core.protocols import JobView, SplitDataset
+
+
+class LastFirstScheduler:
+    """Takes only the job that was admitted last (a strategy the built-ins lack)."""
+
+    calls: list[list[str]] = []
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def select(self, jobs: Sequence[JobView]) -> list[str]:
+        chosen = max(jobs, key=lambda j: j.order).name
+        LastFirstScheduler.calls.append(sorted(j.name for j in jobs))
+        return [chosen]
+
+
+class EveryOtherLoader:
+    """Alpaca data, keeping every other record."""
+
+    loaded: list[str] = []
+
+    def __init__(self) -> None:
+        from mlora_data.alpaca import AlpacaLoader
+
+        self.inner = AlpacaLoader()
+
+    def validate(self, config):
+        return self.inner.validate(config)
+
+    def load(self, config, tokenizer, seed) -> SplitDataset:
+        data = self.inner.load(config, tokenizer, seed)
+        EveryOtherLoader.loaded.append(config.path)
+        return SplitDataset(train=data.train[::2], eval=data.eval)
+
+
+class TestPlugin:
+    __name__ = "test_plugin"
+
+    @hookimpl
+    def mlora_register_schedulers(self, register):
+        register("last_first", LastFirstScheduler)
+
+    @hookimpl
+    def mlora_register_datasets(self, register):
+        register("every_other", EveryOtherLoader)
+
+
+def test_builtins_register_through_entry_points():
+    host = create_plugin_manager(autoload=False)
+    infos = {p.name: p for p in host.plugins()}
+    for name in ("llama", "lora", "schedulers", "data", "tensorboard", "console"):
+        assert infos[name].distribution == "mlora-trainer"
+    assert "llama" in host.backends and "lora" in host.adapters and "trivial" in host.schedulers
+    assert "alpaca" in host.datasets and {"tensorboard", "console"} <= set(host.monitors)
+    assert host.backends.get("llama").plugin == "llama"
+
+
+def test_in_process_plugin_scheduler_and_loader_are_used(make_config, data_dir):
+    LastFirstScheduler.calls.clear()
+    EveryOtherLoader.loaded.clear()
+    host = create_plugin_manager(autoload=False, extra=[TestPlugin()])
+    jobs = [job("a", data_dir / "a.jsonl", max_steps=2), job("b", data_dir / "b.jsonl", max_steps=2)]
+    jobs[1]["data"]["type"] = "every_other"
+    config = load_config(make_config(jobs, scheduler={"type": "last_first"}))
+    summary = run(config, host)
+    assert [j["status"] for j in summary["jobs"]] == ["completed", "completed"]
+    assert EveryOtherLoader.loaded == [str(data_dir / "b.jsonl")]
+    # last_first runs b alone until it finishes, then a: 2 steps x 2 micro-batches each.
+    assert LastFirstScheduler.calls == [["a", "b"]] * 4 + [["a"]] * 4
+    assert host.distribution_of("test_plugin")[0] == "(in-process)"
+
+
+def test_duplicate_name_names_both_plugins():
+    class Clash:
+        __name__ = "clash"
+
+        @hookimpl
+        def mlora_register_schedulers(self, register):
+            register("trivial", LastFirstScheduler)
+
+    host = create_plugin_manager(autoload=False, extra=[Clash()])
+    with pytest.raises(PluginError, match=r"duplicate scheduler name 'trivial'.*'schedulers'.*'clash'"):
+        host.schedulers
+
+
+def test_unknown_name_lists_known_names(host):
+    with pytest.raises(UnknownComponentError, match=r"unknown scheduler 'foo'; known: trivial"):
+        host.schedulers.get("foo")
+
+
+def test_unknown_name_in_config_fails_validation(make_config, data_dir, host):
+    config = load_config(make_config([job("a", data_dir / "a.jsonl")], scheduler={"type": "foo"}))
+    with pytest.raises(ConfigError, match=r"scheduler.type: unknown scheduler 'foo'; known: trivial"):
+        validate_config(config, host)
+
+
+def test_misspelled_hook_fails_loudly():
+    class Typo:
+        __name__ = "typo"
+
+        @hookimpl
+        def mlora_register_schedulerz(self, register):  # not a hook
+            pass
+
+    with pytest.raises(PluginError, match="unknown hook"):
+        create_plugin_manager(autoload=False, extra=[Typo()])
+
+
+def test_blocked_plugin_does_not_load(monkeypatch):
+    monkeypatch.setenv("MLORA_DISABLED_PLUGINS", "tensorboard")
+    host = create_plugin_manager(autoload=False)
+    assert "tensorboard" not in host.monitors
+    assert "console" in host.monitors
+
+
+def test_lifecycle_hooks_fire_in_order(make_config, data_dir):
+    events: list[tuple] = []
+
+    class Recorder:
+        __name__ = "recorder"
+
+        @hookimpl
+        def mlora_on_train_start(self, run):
+            events.append(("start", tuple(run["jobs"])))
+
+        @hookimpl
+        def mlora_on_step_end(self, run, step, metrics):
+            events.append(("step", step))
+
+        @hookimpl
+        def mlora_on_job_end(self, run, job, result):
+            events.append(("job_end", job, result["status"]))
+
+        @hookimpl
+        def mlora_on_train_end(self, run, summary):
+            events.append(("end", len(summary["jobs"])))
+
+    host = create_plugin_manager(autoload=False, extra=[Recorder()])
+    jobs = [job("a", data_dir / "a.jsonl", max_steps=1), job("b", data_dir / "b.jsonl", max_steps=2)]
+    run(load_config(make_config(jobs)), host)
+    assert events[0] == ("start", ("a", "b"))
+    assert events[-1] == ("end", 2)
+    ends = [e for e in events if e[0] == "job_end"]
+    assert ends == [("job_end", "a", "completed"), ("job_end", "b", "completed")]
+    assert events.index(ends[0]) < events.index(ends[1])
+
+
+def test_every_registry_kind_has_a_hook():
+    from mlora_core import hookspecs
+
+    for hook in REGISTRATION_HOOKS.values():
+        assert callable(getattr(hookspecs, hook))
