@@ -98,9 +98,14 @@ def mlora_on_step_end(run: Mapping[str, Any], step: int, metrics: Mapping[str, M
     """Called after every engine step. Must be cheap.
 
     :param run: as in :func:`mlora_on_train_start`.
-    :param step: the engine's global step, from 1.
-    :param metrics: job name to that job's metrics for the step (``loss``, ``lr``,
-        ``tokens``, ...); only jobs that took part in the step appear.
+    Also called with a job's held-out loss: at step 0 before training (every job) and
+    when a job completes (that job only, at the current engine step).
+
+    :param step: the engine's global step (1, 2, ...), or 0 before training.
+    :param metrics: job name to that job's numbers. A job that finished an optimizer
+        step reports ``step`` and ``total_steps`` (its own optimizer steps), ``loss``,
+        ``lr``, ``grad_norm`` and ``tokens_per_s``; a held-out evaluation reports ``step``
+        and ``eval_loss``. Jobs with nothing to report are absent.
 
     .. versionadded:: 0.1
     """

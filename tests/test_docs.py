@@ -46,8 +46,14 @@ def config_paths(cls: type = MloraConfig, prefix: str = "") -> list[str]:
 
 def job_entry_fields() -> list[str]:
     stand_in = SimpleNamespace(
-        name="j", status="completed", error=None, step=1, total_steps=1,
-        train_tokens=10, final_train_loss=1.0, latency_s=0.5,
+        name="j",
+        status="completed",
+        error=None,
+        step=1,
+        total_steps=1,
+        train_tokens=10,
+        final_train_loss=1.0,
+        latency_s=0.5,
     )
     return list(job_entry(stand_in, 2.0, 1.0, "out/j"))
 

@@ -42,7 +42,7 @@ def _losses_and_grads(model, router, adapters, parts):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     sums = per_job_loss_sums(batch, logits)
     torch.stack([s / n for s, n in sums.values()]).sum().backward()
-    losses = {k: float(s / n) for k, (s, n) in sums.items()}
+    losses = {k: (s / n).item() for k, (s, n) in sums.items()}
     grads = {k: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in a.parameters()] for k, a in adapters.items()}
     return losses, grads
 

@@ -1,0 +1,105 @@
+"""The engine: schedules, job lifecycles, failure isolation and the concurrent-equals-alone invariant."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import job
+from mlora_core.config import TrainConfig, load_config
+from mlora_core.engine import Engine, run
+from mlora_core.job import lr_multiplier, plan_batches
+
+
+def test_plan_visits_every_sample_once_per_epoch_in_a_seeded_order():
+    t = TrainConfig(epochs=2, batch_size=4, micro_batch_size=2, seed=7)
+    batches = plan_batches(10, t)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(batches[:3], [])) == list(range(10)) == sorted(sum(batches[3:], []))
+    assert sum(batches[:3], []) != sum(batches[3:], [])  # each epoch reshuffled
+    assert plan_batches(10, t) == batches
+    assert len(plan_batches(10, TrainConfig(epochs=2, batch_size=4, max_steps=4))) == 4
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_lr_schedules_match_transformers(kind):
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_scheduler(kind if kind != "constant" else "constant_with_warmup", opt, num_warmup_steps=3, num_training_steps=11)
+    ours = lr_multiplier(kind, 3, 11)
+    for step in range(11):
+        assert math.isclose(ours(step), reference.get_last_lr()[0], abs_tol=1e-12), (kind, step)
+        opt.step()
+        reference.step()
+
+
+def _weights(out: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / name / "adapter_model.safetensors"))
+
+
+def test_adapter_trained_with_others_equals_trained_alone(make_config, data_dir, host, tmp_path):
+    """mlora vs mlora: shuffled data, different sizes, jobs ending at different steps."""
+    jobs = [
+        job("a", data_dir / "a.jsonl", epochs=2, max_steps=None, batch_size=8, micro_batch_size=4),
+        job("b", data_dir / "b.jsonl", max_steps=3, lr=5e-3, adapter={"type": "lora", "r": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["k_proj", "up_proj"]}),
+        job("c", data_dir / "c.jsonl", max_steps=2, batch_size=2, micro_batch_size=1),
+    ]
+    together = run(load_config(make_config(jobs), [f"output_dir={tmp_path / 'together'}"]), host)
+    assert [j["steps"] for j in together["jobs"]] == [10, 3, 2]
+    for spec in jobs:
+        alone_dir = tmp_path / f"alone-{spec['name']}"
+        run(load_config(make_config([spec]), [f"output_dir={alone_dir}"]), host)
+        ours, theirs = _weights(tmp_path / "together", spec["name"]), _weights(alone_dir, spec["name"])
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
+
+
+def test_diverging_job_fails_alone_and_others_finish(make_config, data_dir, host):
+    jobs = [job("good", data_dir / "a.jsonl", max_steps=4), job("bad", data_dir / "b.jsonl", max_steps=4, lr=1e30),
+            job("also_good", data_dir / "c.jsonl", max_steps=4)]
+    for j in jobs:
+        j["train"]["max_grad_norm"] = None
+    config = load_config(make_config(jobs))
+    summary = run(config, host)
+    status = {j["name"]: j for j in summary["jobs"]}
+    assert status["bad"]["status"] == "failed" and status["bad"]["adapter_dir"] is None
+    assert "loss became" in status["bad"]["error"] or "gradient norm" in status["bad"]["error"]
+    for name in ("good", "also_good"):
+        assert status[name]["status"] == "completed" and status[name]["steps"] == 4
+        assert status[name]["eval_loss_after"] < status[name]["eval_loss_before"]
+        assert all(torch.isfinite(w).all() for w in _weights(Path(config.output_dir), name).values())
+
+
+def test_finished_job_stops_taking_rows_and_frees_its_state(make_config, data_dir, host):
+    jobs = [job("short", data_dir / "a.jsonl", max_steps=1), job("long", data_dir / "b.jsonl", max_steps=3)]
+    engine = Engine(load_config(make_config(jobs)), host)
+    engine.setup()
+    short = engine.jobs[0]
+    seen: list[list[str]] = []
+    original = engine.scheduler.select
+    engine.scheduler.select = lambda live: seen.append([j.name for j in live]) or original(live)
+    summary = engine.train()
+    assert seen == [["short", "long"]] * 2 + [["long"]] * 4
+    assert short.optimizer is None and short.params == [] and short.adapter.layers == {}
+    lora_names = {n for m in engine.model.modules() if hasattr(m, "lora_A") for n in m.lora_A}
+    assert lora_names == set()  # both adapters removed from the base after saving
+    assert summary["jobs"][0]["latency_s"] < summary["jobs"][1]["latency_s"]
+
+
+def test_summary_has_the_documented_fields(make_config, data_dir, host):
+    import json
+
+    config = load_config(make_config([job("a", data_dir / "a.jsonl", max_steps=2)]))
+    run(config, host)
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    assert {"wall_s", "tokens_per_s", "train_tokens", "jobs", "scheduler", "base_model"} <= set(summary)
+    entry = summary["jobs"][0]
+    for key in ("name", "status", "steps", "train_tokens", "eval_loss_before", "eval_loss_after",
+                "final_train_loss", "latency_s", "adapter_dir"):
+        assert entry[key] is not None, key
+    assert entry["train_tokens"] > 0 and summary["tokens_per_s"] > 0
