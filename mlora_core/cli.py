@@ -10,7 +10,9 @@ from mlora_core.errors import MloraError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlora", description="Fine-tune many LoRA adapters over one shared base model.")
+    parser = argparse.ArgumentParser(
+        prog="mlora", description="Fine-tune many LoRA adapters over one shared base model."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "train every job of a config"), ("validate", "check a config without loading a model")):
         p = sub.add_parser(name, help=text, description=text)

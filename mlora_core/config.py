@@ -137,7 +137,9 @@ def _apply_overrides(raw: DictConfig, overrides: list[str]) -> list[str]:
         if not sep or not key:
             problems.append(f"override {item!r}: expected key.path=value")
             continue
-        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]  # type: ignore[index]
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))
+        assert isinstance(parsed, dict)
+        value = parsed["v"]
         try:
             OmegaConf.update(raw, key, value, merge=True)
         except OmegaConfBaseException as exc:
@@ -149,10 +151,10 @@ def _check_shape(raw: DictConfig, problems: list[str]) -> MloraConfig | None:
     """Merge each section (and each job) separately so every problem is reported at once."""
     for key in raw:
         if key not in _SECTIONS:
-            problems.append(f"{key}: unknown key; known: {', '.join(_SECTIONS)}")
-    for name in ("base_model", "scheduler"):
+            problems.append(f"{key!s}: unknown key; known: {', '.join(_SECTIONS)}")
+    for name, schema in (("base_model", BaseModelConfig), ("scheduler", SchedulerConfig)):
         if name in raw:
-            _merge(_SECTIONS[name].default_factory(), raw[name], name, problems)  # type: ignore[misc]
+            _merge(schema(), raw[name], name, problems)
     if "jobs" not in raw or not isinstance(raw.jobs, ListConfig) or len(raw.jobs) == 0:
         problems.append("jobs: a non-empty list of jobs is required")
     else:
@@ -250,7 +252,9 @@ def _validate_monitors(cfg: MloraConfig, host: Any, problems: list[str]) -> None
             problems.append(f"{key}: {exc}")
 
 
-def _validate_job(job: JobConfig, key: str, host: Any, targets: tuple[str, ...], seen: set[str], problems: list[str]) -> None:
+def _validate_job(
+    job: JobConfig, key: str, host: Any, targets: tuple[str, ...], seen: set[str], problems: list[str]
+) -> None:
     if not _JOB_NAME.match(job.name):
         problems.append(f"{key}.name: {job.name!r} must be letters, digits, '_', '-' or '.'")
     elif job.name in seen:

@@ -45,7 +45,9 @@ class Engine:
     # --- set-up ---------------------------------------------------------------------------
 
     def _load(self) -> None:
-        self.loaded: LoadedModel = self.host.backends.create(self.config.base_model.backend).load(self.config.base_model)
+        self.loaded: LoadedModel = self.host.backends.create(self.config.base_model.backend).load(
+            self.config.base_model
+        )
         self.model = self.loaded.model
         self.model.train()
         tokenizer = self.loaded.tokenizer
@@ -84,7 +86,9 @@ class Engine:
         """Train every job to completion (or failure), write summary.json and return it."""
         self._emit("on_train_start", self.run_info)
         self.eval_before = self._evaluate(self.jobs)
-        self._emit("on_step_end", 0, {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None})
+        self._emit(
+            "on_step_end", 0, {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None}
+        )
         train_started = time.perf_counter()
         for job in self.jobs:
             job.started = train_started
@@ -134,7 +138,7 @@ class Engine:
             else:
                 job.fail(f"loss became {loss.item()} at step {job.step + 1}")
         if losses:
-            torch.stack(list(losses.values())).sum().backward()
+            torch.stack(list(losses.values())).sum().backward()  # type: ignore[no-untyped-call]
         seconds = time.perf_counter() - t0
         self.steps += 1
         self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds))
@@ -142,9 +146,11 @@ class Engine:
             if job.status != RUNNING:
                 self._finish(job)
 
-    def _after_backward(self, chosen: list[Job], batch: Any, losses: dict[str, torch.Tensor], seconds: float) -> dict[str, dict[str, float]]:
+    def _after_backward(
+        self, chosen: list[Job], batch: Any, losses: dict[str, torch.Tensor], seconds: float
+    ) -> dict[str, dict[str, float]]:
         metrics: dict[str, dict[str, float]] = {}
-        for job, seg in zip(chosen, batch.segments):
+        for job, seg in zip(chosen, batch.segments, strict=True):
             if job.name not in losses:
                 continue
             tokens = int(batch.attention_mask[seg.start : seg.stop].sum())

@@ -33,16 +33,14 @@ class Registry:
         """Add ``name``; raises PluginError on a bad or duplicate name, naming both plugins."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise PluginError(
-                f"plugin {plugin!r} registered {self.kind} name {name!r}: "
-                "names must be lowercase snake_case"
+                f"plugin {plugin!r} registered {self.kind} name {name!r}: names must be lowercase snake_case"
             )
         if not callable(factory):
             raise PluginError(f"plugin {plugin!r} registered {self.kind} {name!r} with a non-callable factory")
         if name in self._entries:
             other = self._entries[name].plugin
             raise PluginError(
-                f"duplicate {self.kind} name {name!r}: registered by plugin {other!r} "
-                f"and again by plugin {plugin!r}"
+                f"duplicate {self.kind} name {name!r}: registered by plugin {other!r} and again by plugin {plugin!r}"
             )
         self._entries[name] = Entry(name, factory, plugin)
 

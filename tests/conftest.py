@@ -49,7 +49,9 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus = [ALPACA.prompt(r["instruction"], r["input"]) + r["output"] for r in records]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tokenizer.save_pretrained(out)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -87,7 +89,9 @@ def data_dir(tmp_path: Path) -> Path:
 
 def job(name: str, data: Path, **train: Any) -> dict[str, Any]:
     """A job dict with small, quick defaults; ``adapter=`` and ``data_opts=`` override sections."""
-    adapter = train.pop("adapter", {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    adapter = train.pop(
+        "adapter", {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    )
     data_opts = train.pop("data_opts", {})
     settings = {"epochs": 1, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "max_steps": 3, **train}
     return {

@@ -26,15 +26,23 @@ def test_plugins_lists_every_component_with_its_distribution():
     result = mlora("plugins")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for kind, name in [("backends", "llama"), ("adapter types", "lora"), ("schedulers", "trivial"),
-                       ("data loaders", "alpaca"), ("monitors", "tensorboard"), ("monitors", "console")]:
+    for kind, name in [
+        ("backends", "llama"),
+        ("adapter types", "lora"),
+        ("schedulers", "trivial"),
+        ("data loaders", "alpaca"),
+        ("monitors", "tensorboard"),
+        ("monitors", "console"),
+    ]:
         assert f"{kind}:" in out
         assert any(line.split()[:1] == [name] and "mlora-trainer" in line for line in out.splitlines()), name
 
 
 def test_run_tiny_config_through_the_command(make_config, data_dir, tmp_path):
-    path = make_config([job("a", data_dir / "a.jsonl", max_steps=2), job("b", data_dir / "b.jsonl", max_steps=3)],
-                       monitor={"console": {"every": 1}})
+    path = make_config(
+        [job("a", data_dir / "a.jsonl", max_steps=2), job("b", data_dir / "b.jsonl", max_steps=3)],
+        monitor={"console": {"every": 1}},
+    )
     result = mlora("run", str(path), f"output_dir={tmp_path / 'cli-out'}", "jobs.1.train.lr=0.002")
     assert result.returncode == 0, result.stderr
     assert "[a] step 2/2" in result.stdout and "[b] step 3/3" in result.stdout

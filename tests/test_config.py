@@ -21,16 +21,40 @@ def _edit(path: Path, change) -> Path:
 
 
 BAD = {
-    "unknown key": (lambda c: c["jobs"][0]["train"].update(lrr=1), r"jobs\[0\]\.train\.lrr: Key 'lrr' not in 'TrainConfig'"),
+    "unknown key": (
+        lambda c: c["jobs"][0]["train"].update(lrr=1),
+        r"jobs\[0\]\.train\.lrr: Key 'lrr' not in 'TrainConfig'",
+    ),
     "unknown top-level key": (lambda c: c.update(trainer={}), r"trainer: unknown key"),
     "wrong type": (lambda c: c["jobs"][0]["adapter"].update(r="eight"), r"jobs\[0\]\.adapter\.r: Value 'eight'"),
-    "missing data file": (lambda c: c["jobs"][1]["data"].update(path="nope.jsonl"), r"jobs\[1\]\.data\.path: data file not found: nope.jsonl"),
-    "unknown scheduler": (lambda c: c["scheduler"].update(type="foo"), r"scheduler.type: unknown scheduler 'foo'; known: trivial"),
-    "unknown adapter type": (lambda c: c["jobs"][0]["adapter"].update(type="dora"), r"jobs\[0\]\.adapter\.type: unknown adapter type 'dora'; known: lora"),
-    "unknown monitor": (lambda c: c["monitor"].update(wandb={}), r"monitor.wandb: unknown monitor 'wandb'; known: console, tensorboard"),
-    "unknown target module": (lambda c: c["jobs"][0]["adapter"].update(target_modules=["qkv"]), r"jobs\[0\]\.adapter\.target_modules: unknown \['qkv'\]"),
-    "missing model": (lambda c: c["base_model"].update(path="/no/such/model"), r"base_model: path: /no/such/model does not exist"),
-    "bad batch split": (lambda c: c["jobs"][0]["train"].update(batch_size=5), r"jobs\[0\]\.train\.batch_size: 5 is not a multiple"),
+    "missing data file": (
+        lambda c: c["jobs"][1]["data"].update(path="nope.jsonl"),
+        r"jobs\[1\]\.data\.path: data file not found: nope.jsonl",
+    ),
+    "unknown scheduler": (
+        lambda c: c["scheduler"].update(type="foo"),
+        r"scheduler.type: unknown scheduler 'foo'; known: trivial",
+    ),
+    "unknown adapter type": (
+        lambda c: c["jobs"][0]["adapter"].update(type="dora"),
+        r"jobs\[0\]\.adapter\.type: unknown adapter type 'dora'; known: lora",
+    ),
+    "unknown monitor": (
+        lambda c: c["monitor"].update(wandb={}),
+        r"monitor.wandb: unknown monitor 'wandb'; known: console, tensorboard",
+    ),
+    "unknown target module": (
+        lambda c: c["jobs"][0]["adapter"].update(target_modules=["qkv"]),
+        r"jobs\[0\]\.adapter\.target_modules: unknown \['qkv'\]",
+    ),
+    "missing model": (
+        lambda c: c["base_model"].update(path="/no/such/model"),
+        r"base_model: path: /no/such/model does not exist",
+    ),
+    "bad batch split": (
+        lambda c: c["jobs"][0]["train"].update(batch_size=5),
+        r"jobs\[0\]\.train\.batch_size: 5 is not a multiple",
+    ),
 }
 
 
@@ -59,7 +83,9 @@ def test_every_problem_is_reported_at_once(make_config, data_dir):
 
 def test_command_line_overrides_any_key(make_config, data_dir, tmp_path, host):
     path = make_config([job("a", data_dir / "a.jsonl"), job("b", data_dir / "b.jsonl")])
-    cfg = load_config(path, ["jobs.1.train.lr=0.05", f"output_dir={tmp_path / 'elsewhere'}", "jobs.0.adapter.target_modules=[k_proj]"])
+    cfg = load_config(
+        path, ["jobs.1.train.lr=0.05", f"output_dir={tmp_path / 'elsewhere'}", "jobs.0.adapter.target_modules=[k_proj]"]
+    )
     assert cfg.jobs[1].train.lr == 0.05
     assert cfg.output_dir == str(tmp_path / "elsewhere")
     assert cfg.jobs[0].adapter.target_modules == ["k_proj"]

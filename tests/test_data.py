@@ -65,7 +65,7 @@ def test_held_out_split_is_seeded_and_disjoint(tmp_path, tokenizer):
     [
         ('{"instruction": "x", "output": "y"}\nnot json\n', r"d.jsonl:2: malformed JSON"),
         ('{"instruction": "x"}\n', r"d.jsonl:1: missing or non-string 'output'"),
-        ('[1, 2]\n', r"d.jsonl:1: expected an object"),
+        ("[1, 2]\n", r"d.jsonl:1: expected an object"),
         ("", r"no records"),
     ],
 )

@@ -30,7 +30,9 @@ def test_lr_schedules_match_transformers(kind):
     from transformers import get_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    reference = get_scheduler(kind if kind != "constant" else "constant_with_warmup", opt, num_warmup_steps=3, num_training_steps=11)
+    reference = get_scheduler(
+        kind if kind != "constant" else "constant_with_warmup", opt, num_warmup_steps=3, num_training_steps=11
+    )
     ours = lr_multiplier(kind, 3, 11)
     for step in range(11):
         assert math.isclose(ours(step), reference.get_last_lr()[0], abs_tol=1e-12), (kind, step)
@@ -46,7 +48,13 @@ def test_adapter_trained_with_others_equals_trained_alone(make_config, data_dir,
     """mlora vs mlora: shuffled data, different sizes, jobs ending at different steps."""
     jobs = [
         job("a", data_dir / "a.jsonl", epochs=2, max_steps=None, batch_size=8, micro_batch_size=4),
-        job("b", data_dir / "b.jsonl", max_steps=3, lr=5e-3, adapter={"type": "lora", "r": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["k_proj", "up_proj"]}),
+        job(
+            "b",
+            data_dir / "b.jsonl",
+            max_steps=3,
+            lr=5e-3,
+            adapter={"type": "lora", "r": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["k_proj", "up_proj"]},
+        ),
         job("c", data_dir / "c.jsonl", max_steps=2, batch_size=2, micro_batch_size=1),
     ]
     together = run(load_config(make_config(jobs), [f"output_dir={tmp_path / 'together'}"]), host)
@@ -60,8 +68,11 @@ def test_adapter_trained_with_others_equals_trained_alone(make_config, data_dir,
 
 
 def test_diverging_job_fails_alone_and_others_finish(make_config, data_dir, host):
-    jobs = [job("good", data_dir / "a.jsonl", max_steps=4), job("bad", data_dir / "b.jsonl", max_steps=4, lr=1e30),
-            job("also_good", data_dir / "c.jsonl", max_steps=4)]
+    jobs = [
+        job("good", data_dir / "a.jsonl", max_steps=4),
+        job("bad", data_dir / "b.jsonl", max_steps=4, lr=1e30),
+        job("also_good", data_dir / "c.jsonl", max_steps=4),
+    ]
     for j in jobs:
         j["train"]["max_grad_norm"] = None
     config = load_config(make_config(jobs))
@@ -99,7 +110,16 @@ def test_summary_has_the_documented_fields(make_config, data_dir, host):
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     assert {"wall_s", "tokens_per_s", "train_tokens", "jobs", "scheduler", "base_model"} <= set(summary)
     entry = summary["jobs"][0]
-    for key in ("name", "status", "steps", "train_tokens", "eval_loss_before", "eval_loss_after",
-                "final_train_loss", "latency_s", "adapter_dir"):
+    for key in (
+        "name",
+        "status",
+        "steps",
+        "train_tokens",
+        "eval_loss_before",
+        "eval_loss_after",
+        "final_train_loss",
+        "latency_s",
+        "adapter_dir",
+    ):
         assert entry[key] is not None, key
     assert entry["train_tokens"] > 0 and summary["tokens_per_s"] > 0

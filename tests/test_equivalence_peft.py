@@ -34,7 +34,9 @@ def reference_train(model_dir: Path, jc, init_state: dict, samples: list, pad_id
 
     base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     a = jc.adapter
-    model = get_peft_model(base, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=list(a.target_modules)))
+    model = get_peft_model(
+        base, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=list(a.target_modules))
+    )
     result = set_peft_model_state_dict(model, init_state)
     assert not result.unexpected_keys
     t = jc.train
@@ -59,13 +61,42 @@ def reference_train(model_dir: Path, jc, init_state: dict, samples: list, pad_id
 
 def test_concurrent_training_matches_peft_alone(make_config, data_dir, tiny_llama_dir, host):
     jobs = [
-        job("a", data_dir / "a.jsonl", batch_size=6, micro_batch_size=2, lr=2e-3, warmup_steps=2, max_steps=5,
-            adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}),
-        job("b", data_dir / "b.jsonl", batch_size=4, micro_batch_size=1, lr=5e-3, warmup_steps=0, max_steps=4,
-            adapter={"type": "lora", "r": 8, "alpha": 32, "dropout": 0.0,
-                     "target_modules": ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"]}),
-        job("c", data_dir / "c.jsonl", batch_size=4, micro_batch_size=4, lr=1e-3, warmup_steps=1, max_steps=3,
-            adapter={"type": "lora", "r": 2, "alpha": 2, "dropout": 0.0, "target_modules": ["up_proj", "v_proj"]}),
+        job(
+            "a",
+            data_dir / "a.jsonl",
+            batch_size=6,
+            micro_batch_size=2,
+            lr=2e-3,
+            warmup_steps=2,
+            max_steps=5,
+            adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        ),
+        job(
+            "b",
+            data_dir / "b.jsonl",
+            batch_size=4,
+            micro_batch_size=1,
+            lr=5e-3,
+            warmup_steps=0,
+            max_steps=4,
+            adapter={
+                "type": "lora",
+                "r": 8,
+                "alpha": 32,
+                "dropout": 0.0,
+                "target_modules": ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"],
+            },
+        ),
+        job(
+            "c",
+            data_dir / "c.jsonl",
+            batch_size=4,
+            micro_batch_size=4,
+            lr=1e-3,
+            warmup_steps=1,
+            max_steps=3,
+            adapter={"type": "lora", "r": 2, "alpha": 2, "dropout": 0.0, "target_modules": ["up_proj", "v_proj"]},
+        ),
     ]
     for j in jobs:
         j["train"].update(shuffle=False, weight_decay=0.01, max_grad_norm=1.0)
@@ -84,7 +115,8 @@ def test_concurrent_training_matches_peft_alone(make_config, data_dir, tiny_llam
         assert set(ours) == set(theirs)
         for key in ours:
             assert not torch.equal(ours[key], init[jc.name][key]), f"{jc.name}: {key} did not train"
-            torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=lambda m: f"{jc.name} {key}: {m}")
+            where = f"{jc.name} {key}"
+            torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=lambda m, w=where: f"{w}: {m}")
 
 
 @pytest.mark.parametrize("dtype", ["bf16"])

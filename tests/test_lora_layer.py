@@ -22,9 +22,11 @@ def test_each_segment_gets_its_own_update():
     x = torch.randn(5, 4, 6)
     with router.route([Segment("a", 0, 2), Segment(None, 2, 3), Segment("b", 3, 5)]):
         y = layer(x)
+
     def expect(name, rows):
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         return base(x[rows]) + (x[rows] @ a.T @ b.T) * layer.scaling[name]
+
     torch.testing.assert_close(y[0:2], expect("a", slice(0, 2)))
     torch.testing.assert_close(y[2:3], base(x[2:3]))
     torch.testing.assert_close(y[3:5], expect("b", slice(3, 5)))
@@ -38,7 +40,9 @@ def test_new_adapter_is_identity_and_only_adapters_train(host, tiny_llama_dir):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     router = RowRouter()
-    adapter = host.adapters.create("lora").attach(model, "a", AdapterConfig(r=4, target_modules=["q_proj", "down_proj"]), router)
+    adapter = host.adapters.create("lora").attach(
+        model, "a", AdapterConfig(r=4, target_modules=["q_proj", "down_proj"]), router
+    )
     model.eval()
     with torch.no_grad(), router.single("a", rows=2):
         after = model(input_ids=ids).logits

@@ -95,7 +95,7 @@ def test_duplicate_name_names_both_plugins():
 
     host = create_plugin_manager(autoload=False, extra=[Clash()])
     with pytest.raises(PluginError, match=r"duplicate scheduler name 'trivial'.*'schedulers'.*'clash'"):
-        host.schedulers
+        _ = host.schedulers
 
 
 def test_unknown_name_lists_known_names(host):

@@ -15,9 +15,13 @@ def _setup(host, tiny_llama_dir):
     router = RowRouter()
     lora = host.adapters.create("lora")
     adapters = {}
-    for i, (name, targets) in enumerate([("a", ["q_proj", "v_proj"]), ("b", ["q_proj", "down_proj"]), ("c", ["v_proj"])]):
+    for i, (name, targets) in enumerate(
+        [("a", ["q_proj", "v_proj"]), ("b", ["q_proj", "down_proj"]), ("c", ["v_proj"])]
+    ):
         torch.manual_seed(i)
-        adapters[name] = lora.attach(loaded.model, name, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=targets), router)
+        adapters[name] = lora.attach(
+            loaded.model, name, AdapterConfig(r=4, alpha=8, dropout=0.0, target_modules=targets), router
+        )
         with torch.no_grad():  # B starts at zero; make every adapter active
             for p in adapters[name].parameters():
                 p.normal_(0, 0.1)
@@ -43,7 +47,10 @@ def _losses_and_grads(model, router, adapters, parts):
     sums = per_job_loss_sums(batch, logits)
     torch.stack([s / n for s, n in sums.values()]).sum().backward()
     losses = {k: (s / n).item() for k, (s, n) in sums.items()}
-    grads = {k: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in a.parameters()] for k, a in adapters.items()}
+    grads = {
+        k: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in a.parameters()]
+        for k, a in adapters.items()
+    }
     return losses, grads
 
 
@@ -58,10 +65,10 @@ def test_changing_one_jobs_rows_changes_no_other_job(host, tiny_llama_dir):
     losses2, grads2 = _losses_and_grads(model, router, adapters, changed)
 
     assert losses1["b"] != losses2["b"]
-    assert any(not torch.allclose(g1, g2) for g1, g2 in zip(grads1["b"], grads2["b"]))
+    assert any(not torch.allclose(g1, g2) for g1, g2 in zip(grads1["b"], grads2["b"], strict=True))
     for name in ("a", "c"):
         assert abs(losses1[name] - losses2[name]) <= 1e-6
-        for g1, g2 in zip(grads1[name], grads2[name]):
+        for g1, g2 in zip(grads1[name], grads2[name], strict=True):
             torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
 
 
@@ -73,6 +80,6 @@ def test_rows_of_a_job_equal_a_batch_of_their_own(host, tiny_llama_dir):
     mixed, mixed_grads = _losses_and_grads(model, router, adapters, [("b", _rows(2, 3, 16, vocab)), ("a", a)])
     alone, alone_grads = _losses_and_grads(model, router, adapters, [("a", a)])
     assert abs(mixed["a"] - alone["a"]) <= 1e-6
-    for g1, g2 in zip(mixed_grads["a"], alone_grads["a"]):
+    for g1, g2 in zip(mixed_grads["a"], alone_grads["a"], strict=True):
         torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
     assert all(torch.count_nonzero(g) == 0 for g in alone_grads["b"])  # b's grads stay zero when b has no rows

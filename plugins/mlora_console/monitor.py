@@ -38,7 +38,10 @@ class ConsoleMonitor:
 
 def format_table(summary: Mapping[str, Any]) -> str:
     """The end-of-run table: one row per job."""
-    header = f"{'job':<16} {'status':<10} {'steps':>5} {'tokens':>8} {'latency_s':>9} {'train_loss':>10} {'eval_before':>11} {'eval_after':>10}"
+    header = (
+        f"{'job':<16} {'status':<10} {'steps':>5} {'tokens':>8} {'latency_s':>9} "
+        f"{'train_loss':>10} {'eval_before':>11} {'eval_after':>10}"
+    )
     rows = [header, "-" * len(header)]
     for job in summary["jobs"]:
         rows.append(
@@ -46,7 +49,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
             f"{job['latency_s']:>9.1f} {_num(job['final_train_loss']):>10} "
             f"{_num(job['eval_loss_before']):>11} {_num(job['eval_loss_after']):>10}"
         )
-    rows.append(f"wall {summary['wall_s']:.1f}s, {summary['tokens_per_s']:.0f} tokens/s; summary: {summary['output_dir']}/summary.json")
+    totals = f"wall {summary['wall_s']:.1f}s, {summary['tokens_per_s']:.0f} tokens/s"
+    rows.append(f"{totals}; summary: {summary['output_dir']}/summary.json")
     return "\n".join(rows)
 
 

@@ -48,7 +48,9 @@ class AlpacaLoader:
         samples = [tokenize(r, template, tokenizer, config) for r in records]
         kept = [s for s in samples if s is not None]
         if not kept:
-            raise DataError(f"{config.path}: no example has a response token left within cutoff_len {config.cutoff_len}")
+            raise DataError(
+                f"{config.path}: no example has a response token left within cutoff_len {config.cutoff_len}"
+            )
         return split(kept, config.val_set_size, seed)
 
 

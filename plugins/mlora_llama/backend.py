@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from mlora_core.config import BaseModelConfig
@@ -40,12 +39,14 @@ class LlamaBackend:
 
         path = resolve_model_path(config.path)
         dtype = getattr(torch, TORCH_DTYPES[config.dtype])
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"dtype": dtype}
         source = path
-        if path.is_file():  # a .gguf file: transformers dequantizes it on load
-            source, kwargs["gguf_file"] = path.parent, path.name
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = LlamaForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        if path.is_file():
+            # A .gguf file: transformers dequantizes it to fp32 (its fast path), then we cast;
+            # the weights equal a direct bf16 load.
+            source, kwargs = path.parent, {"gguf_file": path.name, "dtype": torch.float32}
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=kwargs.get("gguf_file"))
+        model = LlamaForCausalLM.from_pretrained(source, **kwargs).to(dtype)
         if model.config.model_type != "llama":
             raise MloraError(f"{path}: model_type is {model.config.model_type!r}, not 'llama'")
         model.requires_grad_(False)

@@ -46,7 +46,9 @@ class LoraAdapter:
         expected = set(self.state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise MloraError(f"adapter {self.name!r}: state does not match (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise MloraError(
+                f"adapter {self.name!r}: state does not match (missing {missing[:3]}, unexpected {extra[:3]})"
+            )
         with torch.no_grad():
             for path, layer in self.layers.items():
                 layer.lora_A[self.name].weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_A.weight"])
