@@ -14,7 +14,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="mlora", description="Fine-tune many LoRA adapters over one shared base model."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "train every job of a config"), ("validate", "check a config without loading a model")):
+    commands = (
+        ("run", "train every job of a config"),
+        ("validate", "check a config without loading a model"),
+        ("plan", "predict peak memory and the largest micro_batch_size and cutoff_len that fit"),
+    )
+    for name, text in commands:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="the YAML config file")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config keys")
@@ -45,6 +50,11 @@ def _run_or_validate(command: str, path: str, overrides: list[str]) -> int:
     if command == "validate":
         validate_config(config, host)
         print(f"{path}: OK ({len(config.jobs)} job(s): {', '.join(j.name for j in config.jobs)})")
+        return 0
+    if command == "plan":
+        from mlora_core.planning import format_plan, plan_memory
+
+        print(format_plan(plan_memory(config, host)))
         return 0
     from mlora_core.engine import run
 

@@ -9,6 +9,7 @@ a model or writes anything.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,27 +18,42 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mlora_core.errors import ConfigError
+from mlora_core.errors import ConfigError, MloraError
+from mlora_core.paths import resolve_model_path
 
 
 @dataclass
 class BaseModelConfig:
     """The shared, frozen base model."""
 
-    backend: str = "llama"
+    #: A registered backend name; null: chosen from the checkpoint (``mlora_detect_backend``).
+    backend: Optional[str] = None
     #: A Hugging Face checkpoint directory, a ``.gguf`` file, or ``pkg:DIST/FILE`` for a
     #: file shipped inside an installed distribution (found without importing it).
     path: str = MISSING
     dtype: str = "fp32"  # fp32 | bf16
+    #: null, or nf4 | fp4 | int8: quantize the base's linear layers with bitsandbytes (QLoRA).
     quantize: Optional[str] = None
+    #: 4-bit only: also quantize the per-block scales.
+    double_quant: bool = True
+    #: dtype the quantized layers compute in (null: ``dtype``).
+    compute_dtype: Optional[str] = None
     device: str = "cpu"
 
 
 @dataclass
 class SchedulerConfig:
     type: str = "trivial"
+    #: Rows x padded length per step (null: optimal_fit and fast_fit use the tokens the
+    #: admitted jobs' micro-batches take when padded separately; trivial has no limit).
     max_tokens_per_step: Optional[int] = None
+    #: Jobs admitted at once, highest priority first (null: all).
     max_concurrent_jobs: Optional[int] = None
+    #: optimal_fit and fast_fit always serve a job that has waited this many steps.
+    max_wait_steps: int = 8
+    #: Refuse steps predicted to need more memory than this many bytes (null: the device's
+    #: memory, or the available RAM on CPU, less 10%). Set to 0 to turn the check off.
+    memory_limit: Optional[int] = None
     options: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,11 +97,17 @@ class TrainConfig:
     max_steps: Optional[int] = None
     shuffle: bool = True
     seed: int = 42
+    #: Sort samples by length within windows of 8 batches, so a batch's rows pad little.
+    group_by_length: bool = False
 
 
 @dataclass
 class JobConfig:
     name: str = MISSING
+    #: Higher runs first when max_concurrent_jobs limits admission; preempts at step boundaries.
+    priority: int = 0
+    #: The job becomes live at this engine step (0: at once).
+    start_step: int = 0
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -206,22 +228,92 @@ def validate_config(cfg: MloraConfig, host: Any) -> None:
         ConfigError: listing every problem, each with its key path.
     """
     problems: list[str] = []
-    backend = _lookup(host.backends, cfg.base_model.backend, "base_model.backend", problems)
+    backend = _resolve_backend(cfg.base_model, host, problems)
     if backend is not None:
         problems += [f"base_model: {p}" for p in backend.validate(cfg.base_model)]
     if cfg.base_model.dtype not in DTYPES:
         problems.append(f"base_model.dtype: {cfg.base_model.dtype!r} is not one of {', '.join(DTYPES)}")
-    if cfg.base_model.quantize is not None:
-        problems.append("base_model.quantize: quantized bases are not supported yet; use null")
+    problems += _quantization_problems(cfg)
     if cfg.scheduler.type not in host.schedulers:
         problems.append(f"scheduler.type: {host.schedulers.unknown_message(cfg.scheduler.type)}")
     _validate_monitors(cfg, host, problems)
     seen: set[str] = set()
     targets = backend.target_modules if backend is not None else ()
     for i, job in enumerate(cfg.jobs):
-        _validate_job(job, f"jobs[{i}]", host, targets, seen, problems)
+        _validate_job(job, f"jobs[{i}]", host, cfg.base_model, targets, seen, problems)
     if problems:
         raise ConfigError(problems)
+
+
+def _quantization_problems(cfg: MloraConfig) -> list[str]:
+    from mlora_core.quantization import QUANT_TYPES
+
+    base = cfg.base_model
+    problems = []
+    if base.quantize is not None and base.quantize not in QUANT_TYPES:
+        problems.append(f"base_model.quantize: {base.quantize!r} is not one of {', '.join(QUANT_TYPES)} or null")
+    if base.compute_dtype is not None and base.compute_dtype not in DTYPES:
+        problems.append(f"base_model.compute_dtype: {base.compute_dtype!r} is not one of {', '.join(DTYPES)} or null")
+    return problems
+
+
+def resolve_backend(base: BaseModelConfig, host: Any) -> str:
+    """``base.backend``; when it is null, the detected backend, stored into ``base`` first.
+
+    For code that loads a base model without :func:`validate_config` (which does this too).
+
+    Raises:
+        ConfigError: no plugin recognises the checkpoint, or its path does not resolve.
+    """
+    problems: list[str] = []
+    if base.backend is None:
+        base.backend = _detect_backend(base.path, host, problems)
+    if base.backend is None:
+        raise ConfigError(problems)
+    return base.backend
+
+
+def _resolve_backend(base: BaseModelConfig, host: Any, problems: list[str]) -> Any:
+    """The backend component, or None after recording why there is none.
+
+    A null ``base.backend`` is first set to the detected name, so the engine loads with the
+    backend that validated the config.
+    """
+    if base.backend is None:
+        base.backend = _detect_backend(base.path, host, problems)
+        if base.backend is None:
+            return None
+    return _lookup(host.backends, base.backend, "base_model.backend", problems)
+
+
+def _detect_backend(model_path: str, host: Any, problems: list[str]) -> str | None:
+    """Ask the plugins (``mlora_detect_backend``) which backend loads ``model_path``."""
+    try:
+        path = resolve_model_path(model_path)
+    except MloraError as exc:
+        problems.append(f"base_model.path: {exc}")
+        return None
+    if not path.exists():
+        problems.append(f"base_model.path: {path} does not exist (base_model.backend is chosen from it)")
+        return None
+    model_config: dict[str, Any] | None = None
+    if (path / "config.json").is_file():
+        try:
+            model_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            problems.append(f"base_model.path: {path / 'config.json'} is not readable JSON: {exc}")
+            return None
+        if not isinstance(model_config, dict):
+            problems.append(f"base_model.path: {path / 'config.json'} is not a JSON object")
+            return None
+    name: str | None = host.detect_backend(path, model_config)
+    if name is None:
+        seen = f"model_type {model_config.get('model_type')!r}" if model_config is not None else "no config.json"
+        problems.append(
+            f"base_model.backend: not set, and no plugin recognises {path} ({seen}); "
+            f"set it to one of: {', '.join(host.backends)}"
+        )
+    return name
 
 
 def _lookup(registry: Any, name: str, key: str, problems: list[str]) -> Any:
@@ -253,7 +345,13 @@ def _validate_monitors(cfg: MloraConfig, host: Any, problems: list[str]) -> None
 
 
 def _validate_job(
-    job: JobConfig, key: str, host: Any, targets: tuple[str, ...], seen: set[str], problems: list[str]
+    job: JobConfig,
+    key: str,
+    host: Any,
+    base: BaseModelConfig,
+    targets: tuple[str, ...],
+    seen: set[str],
+    problems: list[str],
 ) -> None:
     if not _JOB_NAME.match(job.name):
         problems.append(f"{key}.name: {job.name!r} must be letters, digits, '_', '-' or '.'")
@@ -263,6 +361,11 @@ def _validate_job(
     adapter_type = _lookup(host.adapters, job.adapter.type, f"{key}.adapter.type", problems)
     if adapter_type is not None:
         problems += [f"{key}.adapter.{p}" for p in adapter_type.validate(job.adapter, targets)]
+        if getattr(adapter_type, "requires_quantized_base", False) and base.quantize is None:
+            problems.append(
+                f"{key}.adapter.type: {job.adapter.type!r} trains over a quantized base, but base_model.quantize "
+                "is null; set base_model.quantize (nf4, fp4 or int8) or use type: lora"
+            )
     loader = _lookup(host.datasets, job.data.type, f"{key}.data.type", problems)
     if loader is not None:
         problems += [f"{key}.data.{p}" for p in loader.validate(job.data)]

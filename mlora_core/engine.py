@@ -12,13 +12,16 @@ from typing import Any
 
 import torch
 
-from mlora_core.batch import build_batch, per_job_loss_sums
+from mlora_core.base_model import load_base_model
+from mlora_core.batch import MultiJobBatch, build_batch, per_job_loss_sums
 from mlora_core.config import JobConfig, MloraConfig, to_dict, validate_config
 from mlora_core.evaluate import held_out_losses
 from mlora_core.job import COMPLETED, RUNNING, Job
+from mlora_core.memory import MemoryModel, device_memory_limit, peak_memory, reset_step_peak, step_peak
 from mlora_core.plugins import PluginHost
 from mlora_core.protocols import LoadedModel
 from mlora_core.routing import RowRouter
+from mlora_core.scheduling import StepBudget, admit
 from mlora_core.summary import SUMMARY_FORMAT, job_entry, write_json_atomic
 
 
@@ -37,6 +40,13 @@ class Engine:
             "jobs": [j.name for j in config.jobs],
         }
         self.scheduler = host.schedulers.create(config.scheduler.type, config=config.scheduler)
+        limit = config.scheduler.memory_limit
+        if limit is None:
+            limit = device_memory_limit(config.base_model.device)
+        self.memory = MemoryModel(limit=limit or None)
+        self.budget = StepBudget(max_tokens=config.scheduler.max_tokens_per_step, fits=self.memory.fits)
+        self.padded_tokens = self.real_tokens = self.oom_retries = 0
+        self.eval_s = 0.0
         self.monitors: list[Any] = []
         self.results: dict[str, dict[str, Any]] = {}
         self.eval_before: dict[str, float | None] = {}
@@ -45,9 +55,7 @@ class Engine:
     # --- set-up ---------------------------------------------------------------------------
 
     def _load(self) -> None:
-        self.loaded: LoadedModel = self.host.backends.create(self.config.base_model.backend).load(
-            self.config.base_model
-        )
+        self.loaded: LoadedModel = load_base_model(self.host, self.config.base_model)
         self.model = self.loaded.model
         self.model.train()
         tokenizer = self.loaded.tokenizer
@@ -86,6 +94,7 @@ class Engine:
         """Train every job to completion (or failure), write summary.json and return it."""
         self._emit("on_train_start", self.run_info)
         self.eval_before = self._evaluate(self.jobs)
+        self.eval_before_s = self.eval_s
         self._emit(
             "on_step_end", 0, {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None}
         )
@@ -95,38 +104,68 @@ class Engine:
         try:
             while live := [j for j in self.jobs if j.status == RUNNING]:
                 self._step(live)
-        except BaseException as exc:  # record what happened, then let it propagate
-            self._abort("interrupted" if isinstance(exc, KeyboardInterrupt) else f"run failed: {exc!r}", train_started)
+        except BaseException as exc:  # mark the unfinished jobs failed, then let it propagate
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"run failed: {exc!r}"
+            for job in self.jobs:
+                if job.status == RUNNING:
+                    job.fail(reason)
+                    self._finish(job)
+            self._end(train_started)
             raise
-        train_s = time.perf_counter() - train_started
-        summary = self._summary(time.perf_counter() - self._started, train_s)
+        return self._end(train_started)
+
+    def _end(self, train_started: float) -> dict[str, Any]:
+        """Write summary.json and tell the monitors and hooks the run has ended."""
+        now = time.perf_counter()
+        summary = self._summary(now - self._started, now - train_started)
         write_json_atomic(self.out / "summary.json", summary)
         self._emit("on_train_end", summary)
         return summary
-
-    def _abort(self, reason: str, train_started: float) -> None:
-        """Mark the unfinished jobs failed (nothing saved) and write the summary as it stands."""
-        for job in self.jobs:
-            if job.status == RUNNING:
-                job.fail(reason)
-                self._finish(job)
-        summary = self._summary(time.perf_counter() - self._started, time.perf_counter() - train_started)
-        write_json_atomic(self.out / "summary.json", summary)
-        self._emit("on_train_end", summary)
 
     def run(self) -> dict[str, Any]:
         """:meth:`setup`, then :meth:`train`."""
         self.setup()
         return self.train()
 
+    def _plan(self, live: list[Job]) -> list[tuple[Job, int]]:
+        """Admit jobs by priority and ask the scheduler for this step's rows per job."""
+        ready = [j for j in live if j.start_step <= self.steps]
+        if not ready:  # every live job starts later: skip ahead to the first start
+            self.steps = min(j.start_step for j in live)
+            ready = [j for j in live if j.start_step <= self.steps]
+        admitted = admit(ready, self.config.scheduler.max_concurrent_jobs)
+        plan = dict(self.scheduler.plan(admitted, self.budget))
+        for job in admitted:
+            job.waited = 0 if job.name in plan else job.waited + 1
+        by_name = {j.name: j for j in admitted}
+        return [(by_name[name], rows) for name, rows in plan.items()]
+
     def _step(self, live: list[Job]) -> None:
-        """One engine step: one forward and one backward over the chosen jobs' micro-batches."""
-        names = self.scheduler.select(live)
-        by_name = {j.name: j for j in live}
-        chosen = [by_name[n] for n in names]
+        """One engine step: one forward and one backward over the planned rows of several jobs."""
+        planned = self._plan(live)
+        chosen = [job for job, _ in planned]
         t0 = time.perf_counter()
-        batch = build_batch([(j.name, j.next_micro_batch()) for j in chosen], self.pad_id)
+        batch = build_batch([(job.name, job.take(rows)) for job, rows in planned], self.pad_id)
         batch = batch.to(self.config.base_model.device)
+        reset_step_peak(self.config.base_model.device)
+        try:
+            losses = self._forward_backward(chosen, batch)
+        except torch.OutOfMemoryError:
+            self._recover_from_oom(chosen, batch)
+            return
+        rows, width = batch.input_ids.shape
+        self.memory.observe(rows, width, step_peak(self.config.base_model.device))
+        self.padded_tokens += rows * width
+        self.real_tokens += int(batch.attention_mask.sum())
+        seconds = time.perf_counter() - t0
+        self.steps += 1
+        self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds))
+        for job in chosen:
+            if job.status != RUNNING:
+                self._finish(job)
+
+    def _forward_backward(self, chosen: list[Job], batch: MultiJobBatch) -> dict[str, torch.Tensor]:
+        """One forward over all rows, per-job losses, one backward of their sum."""
         with self.router.route(batch.segments):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         sums = per_job_loss_sums(batch, logits)  # job -> (loss sum, learned tokens)
@@ -139,12 +178,25 @@ class Engine:
                 job.fail(f"loss became {loss.item()} at step {job.step + 1}")
         if losses:
             torch.stack(list(losses.values())).sum().backward()  # type: ignore[no-untyped-call]
-        seconds = time.perf_counter() - t0
-        self.steps += 1
-        self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds))
+        return losses
+
+    def _recover_from_oom(self, chosen: list[Job], batch: MultiJobBatch) -> None:
+        """Out of memory mid-step: redo the jobs' current optimizer batches in smaller steps.
+
+        Rewinding a job's whole optimizer batch drops any half-accumulated gradient, so the
+        result equals a run that never ran out of memory.
+        """
+        rows, width = batch.input_ids.shape
+        del batch
+        self.memory.record_oom(rows, width)
         for job in chosen:
-            if job.status != RUNNING:
+            job.rewind_batch()
+            if rows == 1:
+                job.fail(f"out of memory on a single row of {width} tokens")
                 self._finish(job)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.oom_retries += 1
 
     def _after_backward(
         self, chosen: list[Job], batch: Any, losses: dict[str, torch.Tensor], seconds: float
@@ -177,12 +229,18 @@ class Engine:
         self._emit("on_job_end", job.name, self.results[job.name])
 
     def _evaluate(self, jobs: list[Job]) -> dict[str, float | None]:
+        started = time.perf_counter()
         sets = [(j.name, j.data.eval, j.config.train.micro_batch_size) for j in jobs if j.data.eval]
         losses = held_out_losses(self.model, self.router, sets, self.pad_id, self.config.base_model.device)
+        self.eval_s += time.perf_counter() - started
         return {j.name: losses.get(j.name) for j in jobs}
 
-    def _summary(self, wall_s: float, train_s: float) -> dict[str, Any]:
+    def _summary(self, wall_s: float, loop_s: float) -> dict[str, Any]:
+        """The run's summary; ``loop_s`` is the training loop's wall time (its evaluations included)."""
         tokens = sum(j.train_tokens for j in self.jobs)
+        train_s = loop_s - (self.eval_s - self.eval_before_s)  # held-out evaluation is not training
+        latencies = [j.latency_s for j in self.jobs]
+        peak_bytes, peak_kind = peak_memory(self.config.base_model.device)
         return {
             "format": SUMMARY_FORMAT,
             "output_dir": str(self.out),
@@ -190,9 +248,16 @@ class Engine:
             "scheduler": self.config.scheduler.type,
             "wall_s": round(wall_s, 3),
             "train_s": round(train_s, 3),
+            "eval_s": round(self.eval_s, 3),
+            "makespan_s": round(max(latencies), 3),
+            "mean_job_latency_s": round(sum(latencies) / len(latencies), 3),
             "engine_steps": self.steps,
             "train_tokens": tokens,
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
+            "padding_fraction": 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0,
+            "oom_retries": self.oom_retries,
+            "peak_memory_bytes": peak_bytes,
+            "peak_memory_kind": peak_kind,
             "jobs": [self.results[j.name] for j in self.jobs],
         }
 

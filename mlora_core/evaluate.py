@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import groupby
 
 import torch
 from torch import nn
@@ -10,6 +11,8 @@ from torch import nn
 from mlora_core.batch import build_batch, per_job_loss_sums
 from mlora_core.protocols import Sample
 from mlora_core.routing import RowRouter
+
+Parts = list[tuple[str, list[Sample]]]
 
 
 def held_out_losses(
@@ -25,6 +28,7 @@ def held_out_losses(
         eval_sets: (adapter name, held-out samples, rows per batch) per job.
 
     Dropout is off during evaluation; the model's train/eval mode is restored afterwards.
+    A batch that runs out of memory is evaluated again in halves.
     """
     chunks = {name: [list(s[i : i + rows]) for i in range(0, len(s), rows)] for name, s, rows in eval_sets}
     totals = {name: [0.0, 0] for name in chunks}
@@ -34,12 +38,36 @@ def held_out_losses(
         with torch.no_grad():
             for i in range(max((len(c) for c in chunks.values()), default=0)):
                 parts = [(name, c[i]) for name, c in chunks.items() if i < len(c)]
-                batch = build_batch(parts, pad_id).to(device)
-                with router.route(batch.segments):
-                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                for name, (loss_sum, n) in per_job_loss_sums(batch, logits).items():
-                    totals[name][0] += float(loss_sum)
+                for name, (loss_sum, n) in _loss_sums(model, router, parts, pad_id, device):
+                    totals[name][0] += loss_sum
                     totals[name][1] += n
     finally:
         model.train(was_training)
     return {name: (s / n if n else None) for name, (s, n) in totals.items()}
+
+
+def _loss_sums(
+    model: nn.Module, router: RowRouter, parts: Parts, pad_id: int, device: str
+) -> list[tuple[str, tuple[float, int]]]:
+    """(job, (loss sum, learned tokens)) for one batch of parts, halving it on out-of-memory."""
+    try:
+        batch = build_batch(parts, pad_id).to(device)
+        with router.route(batch.segments):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return [(name, (float(s), n)) for name, (s, n) in per_job_loss_sums(batch, logits).items()]
+    except torch.OutOfMemoryError:
+        rows = [(name, s) for name, samples in parts for s in samples]
+        if len(rows) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(rows) // 2
+        return [
+            r
+            for piece in (rows[:half], rows[half:])
+            for r in _loss_sums(model, router, _regroup(piece), pad_id, device)
+        ]
+
+
+def _regroup(rows: list[tuple[str, Sample]]) -> Parts:
+    return [(name, [s for _, s in group]) for name, group in groupby(rows, key=lambda r: r[0])]

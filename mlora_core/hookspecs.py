@@ -1,19 +1,23 @@
 """Every hook mlora calls. Declarations only; see docs/plugins/hooks.md for the reference.
 
 Registration hooks receive ``register(name, factory)``: the core owns the names, rejects
-duplicates and lists the known names in its errors. Lifecycle hooks are broadcast: every
-implementation is called and return values are ignored. No hook here is ``firstresult``.
+duplicates and lists the known names in its errors. The one selection hook,
+:func:`mlora_detect_backend`, is ``firstresult``. Lifecycle hooks are broadcast: every
+implementation is called and return values are ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 hookspec = pluggy.HookspecMarker("mlora")
 hookimpl = pluggy.HookimplMarker("mlora")
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 Register = Callable[[str, Callable[..., Any]], None]
 
@@ -74,6 +78,27 @@ def mlora_register_monitors(register: Register) -> None:
     :param register: ``register(name, factory)``; ``factory(output_dir=..., **options)``
         gets the run's output dir and the options from ``monitor.<name>``, and returns a
         :class:`mlora_core.protocols.Monitor`.
+
+    .. versionadded:: 0.1
+    """
+
+
+# --- selection --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def mlora_detect_backend(path: Path, config: Mapping[str, Any] | None) -> str | None:
+    """Name the backend for a checkpoint, when ``base_model.backend`` is not set.
+
+    Called during config validation, before any model loads. Later-registered plugins are
+    asked first, so a third-party plugin can claim a checkpoint ahead of the built-ins.
+
+    firstresult: stops at the first non-None result.
+
+    :param path: the resolved ``base_model.path`` (a directory or a file such as a ``.gguf``).
+    :param config: the parsed ``config.json`` of a checkpoint directory, or None when
+        ``path`` is a file or a directory without config.json.
+    :return: a registered backend name, or None when the plugin does not recognise the checkpoint.
 
     .. versionadded:: 0.1
     """

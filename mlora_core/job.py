@@ -1,10 +1,11 @@
 """One fine-tuning job at run time: its adapter, data order, optimizer and progress.
 
 A job's data is cut into optimizer batches of ``batch_size`` samples (per epoch, in a
-seeded order), each cut into micro-batches of ``micro_batch_size``. The loss of a
-micro-batch is the sum of its token losses divided by the number of learned tokens of the
-whole optimizer batch, so accumulating the micro-batches gives exactly the token-mean
-loss (and gradient) of the full batch, however it is split.
+seeded order). The scheduler decides how many rows of the current optimizer batch go into
+each engine step (usually ``micro_batch_size``). The loss of those rows is the sum of their
+token losses divided by the number of learned tokens of the whole optimizer batch, so
+however the batch is split, the accumulated gradient is exactly the token-mean gradient
+of the full batch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+
 import torch
 
 from mlora_core.batch import learned_tokens
@@ -20,22 +22,43 @@ from mlora_core.protocols import Adapter, Sample, SplitDataset
 
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
 
+#: group_by_length sorts samples by length within windows of this many batches.
+LENGTH_GROUP_BATCHES = 8
 
-def plan_batches(n_samples: int, train: TrainConfig) -> list[list[int]]:
+
+def plan_batches(lengths: list[int], train: TrainConfig) -> list[list[int]]:
     """Sample indices of every optimizer batch, in training order.
 
     Each epoch visits the samples once, shuffled with seed ``train.seed + epoch`` (or in
-    file order when ``shuffle`` is off); the last batch of an epoch may be smaller.
+    file order when ``shuffle`` is off); the last batch of an epoch may be smaller. With
+    ``group_by_length``, samples are sorted by length inside windows of
+    ``LENGTH_GROUP_BATCHES`` batches, so a batch's rows have similar lengths, and the
+    batches of a window are then shuffled with the same seed.
     """
+    n_samples = len(lengths)
     batches = []
     for epoch in range(train.epochs):
-        if train.shuffle:
-            generator = torch.Generator().manual_seed(train.seed + epoch)
-            order = torch.randperm(n_samples, generator=generator).tolist()
-        else:
-            order = list(range(n_samples))
-        batches += [order[i : i + train.batch_size] for i in range(0, n_samples, train.batch_size)]
+        generator = torch.Generator().manual_seed(train.seed + epoch)
+        order = torch.randperm(n_samples, generator=generator).tolist() if train.shuffle else list(range(n_samples))
+        epoch_batches = [order[i : i + train.batch_size] for i in range(0, n_samples, train.batch_size)]
+        if train.group_by_length:
+            epoch_batches = _group_by_length(order, lengths, train.batch_size, generator, train.shuffle)
+        batches += epoch_batches
     return batches[: train.max_steps] if train.max_steps else batches
+
+
+def _group_by_length(
+    order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator, shuffle: bool
+) -> list[list[int]]:
+    window = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        group = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        if shuffle:
+            group = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+        batches += group
+    return batches
 
 
 def lr_multiplier(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -55,26 +78,31 @@ def lr_multiplier(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 class Job:
-    """A live job. The engine feeds it micro-batch losses; it steps its own optimizer."""
+    """A live job. The engine feeds it row losses; it steps its own optimizer."""
 
     def __init__(self, order: int, config: JobConfig, adapter: Adapter, data: SplitDataset) -> None:
         self.name = config.name
         self.order = order
+        self.priority = config.priority
+        self.start_step = config.start_step
         self.config = config
         self.adapter = adapter
         self.data = data
         t = config.train
+        self.micro_batch_size = t.micro_batch_size
         self.params = adapter.parameters()
         self.optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
             self.params, lr=t.lr, betas=(t.adam_betas[0], t.adam_betas[1]), eps=t.adam_eps, weight_decay=t.weight_decay
         )
-        self.batches = plan_batches(len(data.train), t)
+        self.batches = plan_batches([len(s) for s in data.train], t)
         self.total_steps = len(self.batches)
+        self._batch_lengths = [sum(len(data.train[i]) for i in b) for b in self.batches]
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(t.lr_scheduler, t.warmup_steps, self.total_steps)
         )
         self.step = 0  # optimizer steps done
-        self.micro = 0  # micro-batches done in the current optimizer batch
+        self.pos = 0  # rows of the current optimizer batch already trained on
+        self.waited = 0  # engine steps in a row admitted but not scheduled
         self.status = RUNNING
         self.error: str | None = None
         self.train_tokens = 0  # non-pad tokens trained on
@@ -88,24 +116,23 @@ class Job:
 
     # --- what the scheduler sees --------------------------------------------------------
 
-    def _micro_batches(self) -> list[list[int]]:
-        size = self.config.train.micro_batch_size
-        batch = self.batches[self.step]
-        return [batch[i : i + size] for i in range(0, len(batch), size)]
-
-    def next_micro_batch(self) -> list[Sample]:
-        return [self.data.train[i] for i in self._micro_batches()[self.micro]]
-
-    def peek_lengths(self) -> list[int]:
-        return [len(s) for s in self.next_micro_batch()]
+    def next_lengths(self) -> list[int]:
+        return [len(self.data.train[i]) for i in self.batches[self.step][self.pos :]]
 
     @property
-    def remaining_micro_batches(self) -> int:
+    def remaining_tokens(self) -> int:
         if self.status != RUNNING:
             return 0
-        size = self.config.train.micro_batch_size
-        later = sum(math.ceil(len(b) / size) for b in self.batches[self.step + 1 :])
-        return later + len(self._micro_batches()) - self.micro
+        done = sum(len(self.data.train[i]) for i in self.batches[self.step][: self.pos])
+        return sum(self._batch_lengths[self.step :]) - done
+
+    def take(self, rows: int) -> list[Sample]:
+        """The next ``rows`` rows of the current optimizer batch (marked as taken)."""
+        batch = self.batches[self.step]
+        if not 1 <= rows <= len(batch) - self.pos:
+            raise ValueError(f"job {self.name!r}: cannot take {rows} rows, {len(batch) - self.pos} left in its batch")
+        self.pos += rows
+        return [self.data.train[i] for i in batch[self.pos - rows : self.pos]]
 
     # --- training -----------------------------------------------------------------------
 
@@ -115,25 +142,31 @@ class Job:
         return sum(learned_tokens(self.data.train[i]) for i in self.batches[self.step])
 
     def scale_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        """This micro-batch's share of the optimizer batch's token-mean loss."""
+        """These rows' share of the optimizer batch's token-mean loss."""
         return loss_sum / self.denominator
 
     def after_backward(self, scaled_loss: float, tokens: int, seconds: float) -> dict[str, float] | None:
-        """Record a micro-batch; at the end of an optimizer batch, step and return its metrics.
+        """Record the rows of a step; at the end of an optimizer batch, step and return its metrics.
 
         Args:
-            scaled_loss: the micro-batch's loss from :meth:`scale_loss`.
-            tokens: non-pad tokens of the job's rows in the micro-batch.
-            seconds: wall time of the engine step the micro-batch was part of.
+            scaled_loss: the rows' loss from :meth:`scale_loss`.
+            tokens: non-pad tokens of the job's rows in the step.
+            seconds: wall time of the engine step.
         """
         self.batch_loss += scaled_loss
         self.batch_tokens += tokens
         self.batch_seconds += seconds
         self.train_tokens += tokens
-        self.micro += 1
-        if self.micro < len(self._micro_batches()):
+        if self.pos < len(self.batches[self.step]):
             return None
         return self._optimizer_step()
+
+    def rewind_batch(self) -> None:
+        """Forget the current optimizer batch's progress (after a step failed half-way)."""
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_tokens -= self.batch_tokens
+        self.pos, self.batch_loss, self.batch_tokens = 0, 0.0, 0
 
     def _optimizer_step(self) -> dict[str, float]:
         assert self.optimizer is not None
@@ -150,7 +183,7 @@ class Job:
         self.batch_tokens, self.batch_seconds = 0, 0.0
         self.final_train_loss = loss
         self.step += 1
-        self.micro = 0
+        self.pos = 0
         self.denominator = self._batch_denominator()
         if self.step >= self.total_steps:
             self.status = COMPLETED

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -109,6 +110,17 @@ class PluginHost:
             dist, version = self.distribution_of(name)
             infos.append(PluginInfo(name, dist, version, hooks))
         return infos
+
+    # --- selection hook (typed facade) --------------------------------------------------
+
+    def detect_backend(self, path: Path, config: Mapping[str, Any] | None) -> str | None:
+        """The backend name the first answering plugin gives for a checkpoint, or None.
+
+        ``config`` is the checkpoint's parsed config.json, or None for a file (``.gguf``)
+        or a directory without one. Later-registered plugins are asked first.
+        """
+        name = self.pm.hook.mlora_detect_backend(path=path, config=config)
+        return None if name is None else str(name)
 
     # --- lifecycle hooks (typed facade) -------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -114,31 +114,7 @@ class DatasetLoader(Protocol):
         ...
 
 
-# --- scheduling -----------------------------------------------------------------------
-
-
-@runtime_checkable
-class JobView(Protocol):
-    """What a scheduler may know about a live job."""
-
-    name: str
-    #: Position in admission order (0 = first job in the config).
-    order: int
-
-    @property
-    def remaining_micro_batches(self) -> int: ...
-
-    def peek_lengths(self) -> list[int]:
-        """Token lengths of the samples in the job's next micro-batch."""
-        ...
-
-
-class BatchScheduler(Protocol):
-    """Decides which live jobs contribute their next micro-batch to a step."""
-
-    def select(self, jobs: Sequence[JobView]) -> list[str]:
-        """Names of the jobs (a non-empty subset of ``jobs`` when ``jobs`` is non-empty)."""
-        ...
+# --- scheduling: see mlora_core.scheduling (JobView, StepBudget, BatchScheduler) ----------
 
 
 # --- monitors -------------------------------------------------------------------------

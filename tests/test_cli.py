@@ -55,7 +55,7 @@ def test_bad_config_exits_2_with_message(make_config, data_dir, tmp_path):
     path = make_config([job("a", data_dir / "a.jsonl")])
     result = mlora("run", str(path), "scheduler.type=nope")
     assert result.returncode == 2
-    assert "scheduler.type: unknown scheduler 'nope'; known: trivial" in result.stderr
+    assert "scheduler.type: unknown scheduler 'nope'; known: fast_fit, optimal_fit, trivial" in result.stderr
     assert "Traceback" not in result.stderr
 
 

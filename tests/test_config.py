@@ -33,7 +33,7 @@ BAD = {
     ),
     "unknown scheduler": (
         lambda c: c["scheduler"].update(type="foo"),
-        r"scheduler.type: unknown scheduler 'foo'; known: trivial",
+        r"scheduler.type: unknown scheduler 'foo'; known: fast_fit, optimal_fit, trivial",
     ),
     "unknown adapter type": (
         lambda c: c["jobs"][0]["adapter"].update(type="dora"),

@@ -17,12 +17,28 @@ from mlora_core.job import lr_multiplier, plan_batches
 
 def test_plan_visits_every_sample_once_per_epoch_in_a_seeded_order():
     t = TrainConfig(epochs=2, batch_size=4, micro_batch_size=2, seed=7)
-    batches = plan_batches(10, t)
+    lengths = list(range(10, 20))
+    batches = plan_batches(lengths, t)
     assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
     assert sorted(sum(batches[:3], [])) == list(range(10)) == sorted(sum(batches[3:], []))
     assert sum(batches[:3], []) != sum(batches[3:], [])  # each epoch reshuffled
-    assert plan_batches(10, t) == batches
-    assert len(plan_batches(10, TrainConfig(epochs=2, batch_size=4, max_steps=4))) == 4
+    assert plan_batches(lengths, t) == batches
+    assert len(plan_batches(lengths, TrainConfig(epochs=2, batch_size=4, max_steps=4))) == 4
+
+
+def test_group_by_length_makes_batches_of_similar_lengths():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 200) for _ in range(64)]
+    plain = plan_batches(lengths, TrainConfig(batch_size=8, seed=1))
+    grouped = plan_batches(lengths, TrainConfig(batch_size=8, seed=1, group_by_length=True))
+    assert sorted(sum(grouped, [])) == list(range(64))
+
+    def spread(batches):
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+
+    assert spread(grouped) < 0.3 * spread(plain)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
@@ -92,8 +108,8 @@ def test_finished_job_stops_taking_rows_and_frees_its_state(make_config, data_di
     engine.setup()
     short = engine.jobs[0]
     seen: list[list[str]] = []
-    original = engine.scheduler.select
-    engine.scheduler.select = lambda live: seen.append([j.name for j in live]) or original(live)
+    original = engine.scheduler.plan
+    engine.scheduler.plan = lambda live, budget: seen.append([j.name for j in live]) or original(live, budget)
     summary = engine.train()
     assert seen == [["short", "long"]] * 2 + [["long"]] * 4
     assert short.optimizer is None and short.params == [] and short.adapter.layers == {}
@@ -123,3 +139,27 @@ def test_summary_has_the_documented_fields(make_config, data_dir, host):
     ):
         assert entry[key] is not None, key
     assert entry["train_tokens"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_a_crash_mid_run_still_writes_the_summary(make_config, data_dir, host):
+    import json
+
+    jobs = [job("short", data_dir / "a.jsonl", max_steps=1), job("long", data_dir / "b.jsonl", max_steps=5)]
+    config = load_config(make_config(jobs))
+    engine = Engine(config, host)
+    engine.setup()
+    original, calls = engine.scheduler.plan, []
+
+    def plan(live, budget):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("scheduler exploded")
+        return original(live, budget)
+
+    engine.scheduler.plan = plan
+    with pytest.raises(RuntimeError, match="scheduler exploded"):
+        engine.train()
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    status = {j["name"]: j for j in summary["jobs"]}
+    assert status["short"]["status"] == "completed" and status["short"]["adapter_dir"]
+    assert status["long"]["status"] == "failed" and "scheduler exploded" in status["long"]["error"]

@@ -12,7 +12,8 @@ from mlora_core.engine import run
 from mlora_core.errors import ConfigError, PluginError, UnknownComponentError
 from mlora_core.hookspecs import hookimpl
 from mlora_core.plugins import REGISTRATION_HOOKS, create_plugin_manager
-from mlora_core.protocols import JobView, SplitDataset
+from mlora_core.protocols import SplitDataset
+from mlora_core.scheduling import JobView, StepBudget, StepPlan
 
 
 class LastFirstScheduler:
@@ -23,10 +24,10 @@ class LastFirstScheduler:
     def __init__(self, config) -> None:
         self.config = config
 
-    def select(self, jobs: Sequence[JobView]) -> list[str]:
-        chosen = max(jobs, key=lambda j: j.order).name
+    def plan(self, jobs: Sequence[JobView], budget: StepBudget) -> StepPlan:
+        chosen = max(jobs, key=lambda j: j.order)
         LastFirstScheduler.calls.append(sorted(j.name for j in jobs))
-        return [chosen]
+        return [(chosen.name, chosen.micro_batch_size)]
 
 
 class EveryOtherLoader:
@@ -99,13 +100,14 @@ def test_duplicate_name_names_both_plugins():
 
 
 def test_unknown_name_lists_known_names(host):
-    with pytest.raises(UnknownComponentError, match=r"unknown scheduler 'foo'; known: trivial"):
+    with pytest.raises(UnknownComponentError, match=r"unknown scheduler 'foo'; known: fast_fit, optimal_fit, trivial"):
         host.schedulers.get("foo")
 
 
 def test_unknown_name_in_config_fails_validation(make_config, data_dir, host):
     config = load_config(make_config([job("a", data_dir / "a.jsonl")], scheduler={"type": "foo"}))
-    with pytest.raises(ConfigError, match=r"scheduler.type: unknown scheduler 'foo'; known: trivial"):
+    known = "fast_fit, optimal_fit, trivial"
+    with pytest.raises(ConfigError, match=rf"scheduler.type: unknown scheduler 'foo'; known: {known}"):
         validate_config(config, host)
 
 

@@ -58,9 +58,5 @@ class LlamaBackend:
             model=model,
             tokenizer=tokenizer,
             name_or_path=str(path),
-            info={"dtype": config.dtype, "parameter_bytes": _parameter_bytes(model), "source": str(path)},
+            info={"dtype": config.dtype, "source": str(path)},
         )
-
-
-def _parameter_bytes(model: Any) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())

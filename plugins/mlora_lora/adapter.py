@@ -87,7 +87,13 @@ class LoraAdapter:
 
 
 class LoraAdapterType:
-    """Wraps each targeted ``nn.Linear`` in a :class:`LoraLinear` (once) and adds the adapter."""
+    """Wraps each targeted ``nn.Linear`` in a :class:`LoraLinear` (once) and adds the adapter.
+
+    Over a quantized base (``base_model.quantize``) the wrapped layers are bitsandbytes
+    layers and every ``lora`` job is a QLoRA job.
+    """
+
+    requires_quantized_base = False
 
     def validate(self, config: AdapterConfig, target_modules: Sequence[str]) -> list[str]:
         problems = []
@@ -125,10 +131,20 @@ def _wrap(model: nn.Module, path: str, module: nn.Module, router: RowRouter) -> 
     """The LoraLinear at ``path``, wrapping a plain linear there on first use."""
     if isinstance(module, LoraLinear):
         return module
-    if type(module) is not nn.Linear:
+    if not isinstance(module, nn.Linear):  # plain or bitsandbytes-quantized linears
         return None
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     layer = LoraLinear(module, router)
     setattr(parent, child, layer)
     return layer
+
+
+class QLoraAdapterType(LoraAdapterType):
+    """``qlora``: LoRA that asserts the shared base is quantized (``base_model.quantize``).
+
+    Quantization is a property of the one shared base, so it is set there; this type only
+    lets a job say it expects a quantized base, and validation fails when it is not.
+    """
+
+    requires_quantized_base = True

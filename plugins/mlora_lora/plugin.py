@@ -7,6 +7,7 @@ from mlora_core.hookspecs import Register, hookimpl
 
 @hookimpl
 def mlora_register_adapters(register: Register) -> None:
-    from mlora_lora.adapter import LoraAdapterType
+    from mlora_lora.adapter import LoraAdapterType, QLoraAdapterType
 
     register("lora", LoraAdapterType)
+    register("qlora", QLoraAdapterType)

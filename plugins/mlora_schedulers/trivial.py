@@ -1,24 +1,24 @@
-"""``trivial``: every live job contributes its next micro-batch to every step."""
+"""``trivial``: every admitted job contributes one micro-batch to every step."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from mlora_core.config import SchedulerConfig
-from mlora_core.protocols import JobView
+from mlora_core.scheduling import JobView, StepBudget, StepPlan
+from mlora_schedulers.packing import pack
 
 
 class TrivialScheduler:
-    """Takes every live job, in admission order, up to ``max_concurrent_jobs``.
+    """Admitted jobs in priority then admission order, one micro-batch each.
 
-    ``max_tokens_per_step`` is not used by this strategy.
+    ``max_tokens_per_step`` (when set) and the memory check can still shrink or defer a
+    job's share; without them every admitted job is in every step.
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
-        self.max_jobs = config.max_concurrent_jobs
+        pass
 
-    def select(self, jobs: Sequence[JobView]) -> list[str]:
-        ordered = sorted(jobs, key=lambda job: job.order)
-        if self.max_jobs is not None:
-            ordered = ordered[: self.max_jobs]
-        return [job.name for job in ordered]
+    def plan(self, jobs: Sequence[JobView], budget: StepBudget) -> StepPlan:
+        ordered = sorted(jobs, key=lambda j: (-j.priority, j.order))
+        return pack(ordered, budget, {j.name: j.micro_batch_size for j in jobs})

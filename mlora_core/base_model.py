@@ -1,0 +1,33 @@
+"""Load the shared base model: the backend's loader, then quantization when asked for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mlora_core.config import BaseModelConfig, resolve_backend
+from mlora_core.protocols import LoadedModel
+from mlora_core.quantization import quantize_linears, resident_bytes
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_base_model(host: Any, config: BaseModelConfig) -> LoadedModel:
+    """Load ``config``'s base model through its backend and quantize it if ``config.quantize``.
+
+    ``info`` gains ``quantize`` (None or the type), ``resident_bytes`` (weights, buffers and
+    quantization state) and, when quantized, ``unquantized_layers``.
+    """
+    loaded: LoadedModel = host.backends.create(resolve_backend(config, host)).load(config)
+    loaded.info["quantize"] = config.quantize
+    if config.quantize:
+        compute = TORCH_DTYPES[config.compute_dtype or config.dtype]
+        report = quantize_linears(loaded.model, config.quantize, compute, config.double_quant, config.device)
+        loaded.info["double_quant"] = config.double_quant if config.quantize != "int8" else None
+        loaded.info["quantized_layers"] = len(report.quantized)
+        loaded.info["unquantized_layers"] = report.unquantized
+        loaded.info["quantized_params"] = report.quantized_params
+        loaded.info["quantized_bytes"] = report.quantized_bytes
+    loaded.info["resident_bytes"] = resident_bytes(loaded.model)
+    return loaded

@@ -1,0 +1,50 @@
+"""``optimal_fit``: the jobs whose rows pad least together, within the step's token budget.
+
+For each candidate padded width ``L`` (the width of some job's next micro-batch, at least
+the anchor's), take the jobs whose micro-batches are no wider than ``L``, widest first, and
+fill the token budget; keep the width whose step has the highest share of real tokens
+(ties: more real tokens). The anchor is the job that has waited longest (then higher
+priority, then FIFO), and any job that has waited ``max_wait_steps`` steps is always
+taken, so no job waits longer than that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from mlora_core.config import SchedulerConfig
+from mlora_core.scheduling import JobView, StepBudget, StepPlan, default_token_budget
+from mlora_schedulers.packing import pack, starving
+
+
+class OptimalFitScheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.max_wait = config.max_wait_steps
+
+    def plan(self, jobs: Sequence[JobView], budget: StepBudget) -> StepPlan:
+        budget = replace(budget, max_tokens=budget.max_tokens or default_token_budget(jobs))
+        forced = starving(jobs, self.max_wait)
+        anchor = max(jobs, key=lambda j: (j.waited, j.priority, -j.order))
+        must = forced or [anchor]
+        width = {j.name: max(j.next_lengths()[: j.micro_batch_size]) for j in jobs}
+        wanted = {j.name: j.micro_batch_size for j in jobs}
+        floor = max(width[j.name] for j in must)
+        best: tuple[float, int, StepPlan] | None = None
+        for cap in sorted({w for w in width.values() if w >= floor}):
+            fitting = [j for j in jobs if j not in must and width[j.name] <= cap]
+            rest = sorted(fitting, key=lambda j: (-width[j.name], j.order))
+            plan = pack([*must, *rest], budget, wanted)
+            score = _fill(plan, jobs)
+            if best is None or score > best[:2]:
+                best = (*score, plan)
+        assert best is not None
+        return best[2]
+
+
+def _fill(plan: StepPlan, jobs: Sequence[JobView]) -> tuple[float, int]:
+    """(real tokens / padded tokens, real tokens) of a plan."""
+    by_name = {j.name: j for j in jobs}
+    lengths = [n for name, rows in plan for n in by_name[name].next_lengths()[:rows]]
+    padded = len(lengths) * max(lengths)
+    return sum(lengths) / padded, sum(lengths)
