@@ -58,6 +58,7 @@ def run_mode(mode: str, model_path: str, steps: int, work: Path) -> dict[str, An
     config["output_dir"] = str(work / mode)
     for job in config["jobs"]:
         job["train"]["max_steps"] = steps
+        job["data"]["val_set_size"] = 8  # held-out loss is reported, but its time is not training
         job["adapter"]["type"] = "qlora" if quantize else "lora"
     path = work / f"{mode}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -15,6 +15,7 @@ import torch
 from mlora_core.base_model import load_base_model
 from mlora_core.batch import MultiJobBatch, build_batch, per_job_loss_sums
 from mlora_core.config import JobConfig, MloraConfig, to_dict, validate_config
+from mlora_core.errors import MloraError
 from mlora_core.evaluate import held_out_losses
 from mlora_core.job import COMPLETED, RUNNING, Job
 from mlora_core.memory import MemoryModel, device_memory_limit, peak_memory, reset_step_peak, step_peak
@@ -135,6 +136,12 @@ class Engine:
             ready = [j for j in live if j.start_step <= self.steps]
         admitted = admit(ready, self.config.scheduler.max_concurrent_jobs)
         plan = dict(self.scheduler.plan(admitted, self.budget))
+        unknown = set(plan) - {j.name for j in admitted}
+        if not plan or unknown:
+            raise MloraError(
+                f"scheduler {self.config.scheduler.type!r} planned {plan or 'nothing'}"
+                f"{f'; jobs not admitted: {sorted(unknown)}' if unknown else ''}"
+            )
         for job in admitted:
             job.waited = 0 if job.name in plan else job.waited + 1
         by_name = {j.name: j for j in admitted}
