@@ -167,3 +167,26 @@ def test_every_registry_kind_has_a_hook():
 
     for hook in REGISTRATION_HOOKS.values():
         assert callable(getattr(hookspecs, hook))
+
+
+def test_a_scheduler_that_plans_nothing_fails_clearly(make_config, data_dir):
+    from mlora_core.errors import MloraError
+
+    class Idle:
+        def __init__(self, config) -> None:
+            pass
+
+        def plan(self, jobs, budget):
+            return []
+
+    class IdlePlugin:
+        __name__ = "idle"
+
+        @hookimpl
+        def mlora_register_schedulers(self, register):
+            register("idle", Idle)
+
+    host = create_plugin_manager(autoload=False, extra=[IdlePlugin()])
+    config = load_config(make_config([job("a", data_dir / "a.jsonl")], scheduler={"type": "idle"}))
+    with pytest.raises(MloraError, match="scheduler 'idle' planned nothing"):
+        run(config, host)
