@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
-from mlora_core.config import BaseModelConfig, resolve_backend
+from mlora_core.config import BaseModelConfig, resolve_backend, torch_dtype
 from mlora_core.protocols import LoadedModel
 from mlora_core.quantization import quantize_linears, resident_bytes
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_base_model(host: Any, config: BaseModelConfig) -> LoadedModel:
@@ -22,7 +19,7 @@ def load_base_model(host: Any, config: BaseModelConfig) -> LoadedModel:
     loaded: LoadedModel = host.backends.create(resolve_backend(config, host)).load(config)
     loaded.info["quantize"] = config.quantize
     if config.quantize:
-        compute = TORCH_DTYPES[config.compute_dtype or config.dtype]
+        compute = torch_dtype(config.compute_dtype or config.dtype)
         report = quantize_linears(loaded.model, config.quantize, compute, config.double_quant, config.device)
         loaded.info["double_quant"] = config.double_quant if config.quantize != "int8" else None
         loaded.info["quantized_layers"] = len(report.quantized)

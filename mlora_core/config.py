@@ -123,6 +123,13 @@ class MloraConfig:
     jobs: List[JobConfig] = MISSING
 
 
+def torch_dtype(name: str) -> Any:
+    """The torch dtype for a config dtype name (``fp32``, ``bf16``); imports torch lazily."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("fp32", "bf16")
 _SECTIONS = {f.name: f for f in dataclasses.fields(MloraConfig)}

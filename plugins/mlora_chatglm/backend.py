@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from mlora_chatglm.checkpoint import checkpoint_dir, load_weights, tokenizer_file, weight_files
 from mlora_chatglm.config import ChatGLMConfig, read_config_json
-from mlora_core.config import BaseModelConfig
+from mlora_core.config import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
 from mlora_core.protocols import LoadedModel
-
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class ChatGLMBackend:
@@ -49,7 +47,7 @@ class ChatGLMBackend:
         model_config = ChatGLMConfig.from_dict(raw)
         with torch.device("meta"):
             model = ChatGLMForCausalLM(model_config)
-        load_weights(model, weight_files(path), getattr(torch, TORCH_DTYPES[config.dtype]))
+        load_weights(model, weight_files(path), torch_dtype(config.dtype))
         model.requires_grad_(False)
         model.to(config.device)
         tokenizer = load_tokenizer(path, raw)

@@ -8,10 +8,10 @@ config validation checks them before any checkpoint is read.
 
 from __future__ import annotations
 
-from mlora_chatglm.backend import TORCH_DTYPES, device_problems
+from mlora_chatglm.backend import device_problems
 from mlora_chatglm.checkpoint import checkpoint_dir
 from mlora_chatglm.config import read_config_json
-from mlora_core.config import BaseModelConfig
+from mlora_core.config import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
 from mlora_core.protocols import LoadedModel
 
@@ -35,7 +35,6 @@ class GlmBackend:
         return device_problems(config.device)
 
     def load(self, config: BaseModelConfig) -> LoadedModel:
-        import torch
         import transformers
 
         from mlora_chatglm.tokenizer import load_fast_tokenizer
@@ -43,7 +42,7 @@ class GlmBackend:
         path = checkpoint_dir(config.path)
         raw = read_config_json(path)
         model_class = getattr(transformers, glm_class_name(raw))
-        model = model_class.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES[config.dtype]))
+        model = model_class.from_pretrained(path, dtype=torch_dtype(config.dtype))
         model.requires_grad_(False)
         model.config.use_cache = False
         model.to(config.device)

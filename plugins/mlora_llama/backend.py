@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlora_core.config import BaseModelConfig
+from mlora_core.config import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
 from mlora_core.paths import resolve_model_path
 from mlora_core.protocols import LoadedModel
-
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class LlamaBackend:
@@ -38,7 +36,7 @@ class LlamaBackend:
         from transformers import AutoTokenizer, LlamaForCausalLM
 
         path = resolve_model_path(config.path)
-        dtype = getattr(torch, TORCH_DTYPES[config.dtype])
+        dtype = torch_dtype(config.dtype)
         kwargs: dict[str, Any] = {"dtype": dtype}
         source = path
         if path.is_file():
