@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from mlora_core.errors import MloraError
+from mlora_core.errors import Interrupted, MloraError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="the YAML config file")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config keys")
+        if name == "run":
+            p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
+            p.add_argument("--overwrite", action="store_true", help="start again in an output_dir that holds a run")
     sub.add_parser("plugins", help="list plugins and the components they register")
     return parser
 
@@ -32,8 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins()
-        return _run_or_validate(args.command, args.config, args.overrides)
+        return _run_or_validate(args)
+    except Interrupted as exc:
+        print(f"mlora: {exc}", file=sys.stderr)
+        return 143 if exc.signal_name == "SIGTERM" else 130
     except MloraError as exc:
+        print(f"mlora: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output dir, full disk, ...
         print(f"mlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -41,25 +52,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _run_or_validate(command: str, path: str, overrides: list[str]) -> int:
+def _run_or_validate(args: argparse.Namespace) -> int:
     from mlora_core.config import load_config, validate_config
     from mlora_core.plugins import create_plugin_manager
 
-    config = load_config(path, overrides)
+    config = load_config(args.config, args.overrides)
     host = create_plugin_manager()
-    if command == "validate":
+    if args.command == "validate":
         validate_config(config, host)
-        print(f"{path}: OK ({len(config.jobs)} job(s): {', '.join(j.name for j in config.jobs)})")
+        print(f"{args.config}: OK ({len(config.jobs)} job(s): {', '.join(j.name for j in config.jobs)})")
         return 0
-    if command == "plan":
+    if args.command == "plan":
         from mlora_core.planning import format_plan, plan_memory
 
         print(format_plan(plan_memory(config, host)))
         return 0
-    from mlora_core.engine import run
+    from mlora_core.engine import Engine
 
-    summary = run(config, host)
+    engine = Engine(config, host, resume=args.resume, overwrite=args.overwrite)
+    _stop_on_signals(engine)
+    summary = engine.run()
     return 0 if all(j["status"] == "completed" for j in summary["jobs"]) else 1
+
+
+def _stop_on_signals(engine: Any) -> None:
+    """SIGINT / SIGTERM: checkpoint and stop at the next step boundary; a second one stops at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if engine.stop_signal:
+            raise KeyboardInterrupt
+        engine.request_stop(signal.Signals(signum).name)
+        print(f"mlora: {signal.Signals(signum).name}: stopping after this step (again to stop now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _plugins() -> int:

@@ -9,6 +9,7 @@ a model or writes anything.
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import re
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ class MloraConfig:
     #: Monitor name -> its options; set a monitor to null to turn it off.
     monitor: Dict[str, Any] = field(default_factory=lambda: {"console": {}})
     output_dir: str = "out"
+    #: Write a checkpoint every this many engine steps (and when a job ends); null: never.
+    checkpoint_every: Optional[int] = None
     jobs: List[JobConfig] = MISSING
 
 
@@ -166,12 +169,11 @@ def _apply_overrides(raw: DictConfig, overrides: list[str]) -> list[str]:
         if not sep or not key:
             problems.append(f"override {item!r}: expected key.path=value")
             continue
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))
-        assert isinstance(parsed, dict)
-        value = parsed["v"]
         try:
-            OmegaConf.update(raw, key, value, merge=True)
-        except OmegaConfBaseException as exc:
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))
+            assert isinstance(parsed, dict)
+            OmegaConf.update(raw, key, parsed["v"], merge=True)
+        except Exception as exc:  # omegaconf and yaml errors alike; report, do not crash
             problems.append(f"override {key}: {_first_line(exc)}")
     return problems
 
@@ -198,11 +200,17 @@ def _check_shape(raw: DictConfig, problems: list[str]) -> MloraConfig | None:
     except OmegaConfBaseException as exc:
         problems.append(f"{exc.full_key or '(top level)'}: {_first_line(exc)}")
         return None
+    except (TypeError, ValueError) as exc:  # e.g. a list where a mapping belongs
+        problems.append(f"(top level): {_first_line(exc)}")
+        return None
     assert isinstance(cfg, MloraConfig)
     return cfg
 
 
 def _merge(schema: Any, node: Any, prefix: str, problems: list[str]) -> None:
+    if not isinstance(node, DictConfig):
+        problems.append(f"{prefix}: expected a mapping of settings, got {node!r}")
+        return
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         OmegaConf.to_container(merged, throw_on_missing=True)
@@ -241,9 +249,12 @@ def validate_config(cfg: MloraConfig, host: Any) -> None:
     if cfg.base_model.dtype not in DTYPES:
         problems.append(f"base_model.dtype: {cfg.base_model.dtype!r} is not one of {', '.join(DTYPES)}")
     problems += _quantization_problems(cfg)
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
+        problems.append("checkpoint_every: must be at least 1 or null")
     if cfg.scheduler.type not in host.schedulers:
         problems.append(f"scheduler.type: {host.schedulers.unknown_message(cfg.scheduler.type)}")
     _validate_monitors(cfg, host, problems)
+    problems += _output_dir_problems(cfg.output_dir)
     seen: set[str] = set()
     targets = backend.target_modules if backend is not None else ()
     for i, job in enumerate(cfg.jobs):
@@ -321,6 +332,19 @@ def _detect_backend(model_path: str, host: Any, problems: list[str]) -> str | No
             f"set it to one of: {', '.join(host.backends)}"
         )
     return name
+
+
+def _output_dir_problems(output_dir: str) -> list[str]:
+    """The output dir must be creatable and writable (checked without creating it)."""
+    path = Path(output_dir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        return [f"output_dir: {path} exists and is not a directory"]
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return [f"output_dir: {existing} is a file, not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output_dir: cannot write in {existing}"]
+    return []
 
 
 def _lookup(registry: Any, name: str, key: str, problems: list[str]) -> Any:

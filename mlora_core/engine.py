@@ -6,6 +6,7 @@ the sum of the job losses once gives every adapter exactly its own job's gradien
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ import torch
 from mlora_core.base_model import load_base_model
 from mlora_core.batch import MultiJobBatch, build_batch, per_job_loss_sums
 from mlora_core.config import JobConfig, MloraConfig, to_dict, validate_config
-from mlora_core.errors import MloraError
+from mlora_core.errors import Interrupted, MloraError
 from mlora_core.evaluate import held_out_losses
-from mlora_core.job import COMPLETED, RUNNING, Job
+from mlora_core.checkpoint import CHECKPOINTS, latest_checkpoint, load_engine_state, load_job_state, save_checkpoint
+from mlora_core.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
 from mlora_core.memory import MemoryModel, device_memory_limit, peak_memory, reset_step_peak, step_peak
 from mlora_core.plugins import PluginHost
 from mlora_core.protocols import LoadedModel
@@ -29,9 +31,13 @@ from mlora_core.summary import SUMMARY_FORMAT, job_entry, write_json_atomic
 class Engine:
     """Trains every job of a config together over one base model."""
 
-    def __init__(self, config: MloraConfig, host: PluginHost) -> None:
+    def __init__(self, config: MloraConfig, host: PluginHost, *, resume: bool = False, overwrite: bool = False) -> None:
         validate_config(config, host)  # before anything loads or is written
         self.config = config
+        self.resume, self.overwrite = resume, overwrite
+        self.resumed = False
+        self.stop_signal: str | None = None
+        self.train_elapsed = 0.0
         self.host = host
         self.out = Path(config.output_dir)
         self.router = RowRouter()
@@ -47,7 +53,7 @@ class Engine:
         self.memory = MemoryModel(limit=limit or None)
         self.budget = StepBudget(max_tokens=config.scheduler.max_tokens_per_step, fits=self.memory.fits)
         self.padded_tokens = self.real_tokens = self.oom_retries = 0
-        self.eval_s = 0.0
+        self.eval_s = self.eval_before_s = 0.0
         self.monitors: list[Any] = []
         self.results: dict[str, dict[str, Any]] = {}
         self.eval_before: dict[str, float | None] = {}
@@ -85,35 +91,105 @@ class Engine:
     # --- the run --------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Create the output dir, load the base model, attach every job's adapter, start monitors."""
+        """Load the base model, attach every job's adapter, resume if asked, start monitors."""
         self._started = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = self._claim_output_dir()
         self._load()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None:
+            self._restore(checkpoint)
         self._start_monitors()
+
+    def request_stop(self, signal_name: str) -> None:
+        """Stop at the next step boundary, after checkpointing every unfinished job."""
+        self.stop_signal = signal_name
 
     def train(self) -> dict[str, Any]:
         """Train every job to completion (or failure), write summary.json and return it."""
         self._emit("on_train_start", self.run_info)
-        self.eval_before = self._evaluate(self.jobs)
-        self.eval_before_s = self.eval_s
-        self._emit(
-            "on_step_end", 0, {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None}
-        )
-        train_started = time.perf_counter()
+        if not self.resumed:
+            self.eval_before = self._evaluate(self.jobs)
+            self.eval_before_s = self.eval_s
+            before = {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None}
+            self._emit("on_step_end", 0, before)
+        train_started = time.perf_counter() - self.train_elapsed
         for job in self.jobs:
             job.started = train_started
         try:
             while live := [j for j in self.jobs if j.status == RUNNING]:
-                self._step(live)
-        except BaseException as exc:  # mark the unfinished jobs failed, then let it propagate
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"run failed: {exc!r}"
-            for job in self.jobs:
-                if job.status == RUNNING:
-                    job.fail(reason)
-                    self._finish(job)
+                if self.stop_signal:
+                    raise Interrupted(self.stop_signal, self._interrupt(train_started))
+                finished = self._step(live)
+                every = self.config.checkpoint_every
+                if every and (finished or self.steps % every == 0):
+                    self._checkpoint(train_started)
+        except BaseException as exc:  # record every job's state, then let it propagate
+            if not isinstance(exc, Interrupted):
+                for job in self.jobs:
+                    if job.status == RUNNING:
+                        job.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else f"run failed: {exc!r}")
+                        self._finish(job, save=False)
             self._end(train_started)
             raise
         return self._end(train_started)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _claim_output_dir(self) -> Path | None:
+        """Refuse to mix two runs in one output dir; returns the checkpoint to resume, if any."""
+        summary, checkpoints = self.out / "summary.json", self.out / CHECKPOINTS
+        if self.resume:
+            return latest_checkpoint(self.out)
+        if summary.exists() or checkpoints.exists():
+            if not self.overwrite:
+                raise MloraError(
+                    f"output_dir {self.out} already holds a run; pass --resume to continue it, "
+                    "--overwrite to start again, or choose another output_dir"
+                )
+            summary.unlink(missing_ok=True)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        return None
+
+    def _checkpoint(self, train_started: float) -> Path:
+        state = {
+            "steps": self.steps,
+            "train_elapsed": time.perf_counter() - train_started,
+            "padded_tokens": self.padded_tokens,
+            "real_tokens": self.real_tokens,
+            "oom_retries": self.oom_retries,
+            "eval_s": self.eval_s,
+            "eval_before_s": self.eval_before_s,
+            "eval_before": self.eval_before,
+            "results": self.results,
+            "memory": {"observations": self.memory.observations, "oom_tokens": self.memory.oom_tokens},
+        }
+        running = [j for j in self.jobs if j.status == RUNNING]
+        return save_checkpoint(self.out, self.steps, state, running)
+
+    def _restore(self, directory: Path) -> None:
+        state = load_engine_state(directory)
+        for key in ("steps", "train_elapsed", "padded_tokens", "real_tokens", "oom_retries", "eval_s", "eval_before_s"):
+            setattr(self, key, state[key])
+        self.eval_before, self.results = state["eval_before"], state["results"]
+        for rows, length, peak in state["memory"]["observations"]:
+            self.memory.observe(rows, length, peak)
+        self.memory.oom_tokens = state["memory"]["oom_tokens"]
+        for job in self.jobs:
+            if job.name in self.results:  # finished before the checkpoint: not trained again
+                job.status = self.results[job.name]["status"]
+                job.release()
+            else:
+                job.restore(*load_job_state(directory, job.name))
+        self.resumed = True
+
+    def _interrupt(self, train_started: float) -> str:
+        """Checkpoint every unfinished job, mark them interrupted; returns the message for the user."""
+        where = self._checkpoint(train_started)
+        for job in self.jobs:
+            if job.status == RUNNING:
+                job.status, job.error = INTERRUPTED, f"stopped by {self.stop_signal}"
+                self.results[job.name] = job_entry(job, self.eval_before.get(job.name), None, None)
+        return f"stopped by {self.stop_signal} at step {self.steps}; checkpoint in {where}; continue with --resume"
 
     def _end(self, train_started: float) -> dict[str, Any]:
         """Write summary.json and tell the monitors and hooks the run has ended."""
@@ -147,8 +223,11 @@ class Engine:
         by_name = {j.name: j for j in admitted}
         return [(by_name[name], rows) for name, rows in plan.items()]
 
-    def _step(self, live: list[Job]) -> None:
-        """One engine step: one forward and one backward over the planned rows of several jobs."""
+    def _step(self, live: list[Job]) -> bool:
+        """One engine step: one forward and one backward over the planned rows of several jobs.
+
+        Returns whether a job ended in this step.
+        """
         planned = self._plan(live)
         chosen = [job for job, _ in planned]
         t0 = time.perf_counter()
@@ -159,7 +238,7 @@ class Engine:
             losses = self._forward_backward(chosen, batch)
         except torch.OutOfMemoryError:
             self._recover_from_oom(chosen, batch)
-            return
+            return False
         rows, width = batch.input_ids.shape
         self.memory.observe(rows, width, step_peak(self.config.base_model.device))
         self.padded_tokens += rows * width
@@ -167,9 +246,10 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.steps += 1
         self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds))
-        for job in chosen:
-            if job.status != RUNNING:
-                self._finish(job)
+        ended = [job for job in chosen if job.status != RUNNING]
+        for job in ended:
+            self._finish(job)
+        return bool(ended)
 
     def _forward_backward(self, chosen: list[Job], batch: MultiJobBatch) -> dict[str, torch.Tensor]:
         """One forward over all rows, per-job losses, one backward of their sum."""
@@ -182,7 +262,7 @@ class Engine:
             if torch.isfinite(loss):
                 losses[job.name] = loss
             else:
-                job.fail(f"loss became {loss.item()} at step {job.step + 1}")
+                job.fail(f"loss became {loss.item()} at step {job.step + 1}", revert=True)
         if losses:
             torch.stack(list(losses.values())).sum().backward()  # type: ignore[no-untyped-call]
         return losses
@@ -222,10 +302,14 @@ class Engine:
                 metrics[job.name] = result
         return metrics
 
-    def _finish(self, job: Job) -> None:
-        """Evaluate and save a completed job, then free it; a failed job is only freed."""
+    def _finish(self, job: Job, save: bool = True) -> None:
+        """Evaluate and save a completed job, then free it.
+
+        A failed job keeps its last good adapter (the weights before the step that broke it),
+        saved and evaluated like a completed one; its status and error say what happened.
+        """
         eval_after, adapter_dir = None, None
-        if job.status == COMPLETED:
+        if save and job.status in (COMPLETED, FAILED):
             eval_after = self._evaluate([job]).get(job.name)
             adapter_dir = str(self.out / job.name)
             job.adapter.save(adapter_dir, self.loaded.name_or_path)
@@ -244,9 +328,10 @@ class Engine:
 
     def _summary(self, wall_s: float, loop_s: float) -> dict[str, Any]:
         """The run's summary; ``loop_s`` is the training loop's wall time (its evaluations included)."""
-        tokens = sum(j.train_tokens for j in self.jobs)
+        results = [self.results[j.name] for j in self.jobs]
+        tokens = sum(r["train_tokens"] for r in results)
         train_s = loop_s - (self.eval_s - self.eval_before_s)  # held-out evaluation is not training
-        latencies = [j.latency_s for j in self.jobs]
+        latencies = [r["latency_s"] for r in results]
         peak_bytes, peak_kind = peak_memory(self.config.base_model.device)
         return {
             "format": SUMMARY_FORMAT,
@@ -265,7 +350,7 @@ class Engine:
             "oom_retries": self.oom_retries,
             "peak_memory_bytes": peak_bytes,
             "peak_memory_kind": peak_kind,
-            "jobs": [self.results[j.name] for j in self.jobs],
+            "jobs": results,
         }
 
 

@@ -29,3 +29,11 @@ class UnknownComponentError(MloraError, KeyError):
 
 class DataError(MloraError):
     """A data file is missing or malformed; the message names the file and line."""
+
+
+class Interrupted(MloraError):
+    """The run was stopped by a signal; a checkpoint was written and it can be resumed."""
+
+    def __init__(self, signal_name: str, message: str) -> None:
+        self.signal_name = signal_name
+        super().__init__(message)

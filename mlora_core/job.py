@@ -13,14 +13,30 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from mlora_core.batch import learned_tokens
 from mlora_core.config import JobConfig, TrainConfig
+from mlora_core.errors import MloraError
 from mlora_core.protocols import Adapter, Sample, SplitDataset
 
-RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
+
+#: Plain counters a checkpoint carries as they are.
+_COUNTERS = (
+    "step",
+    "pos",
+    "waited",
+    "status",
+    "error",
+    "train_tokens",
+    "batch_loss",
+    "batch_tokens",
+    "batch_seconds",
+    "final_train_loss",
+)
 
 #: group_by_length sorts samples by length within windows of this many batches.
 LENGTH_GROUP_BATCHES = 8
@@ -113,6 +129,7 @@ class Job:
         self.started = time.perf_counter()
         self.ended: float | None = None
         self.denominator = self._batch_denominator()
+        self._last_good = [p.detach().clone() for p in self.params]  # weights before the latest step
 
     # --- what the scheduler sees --------------------------------------------------------
 
@@ -175,6 +192,7 @@ class Job:
         lr = self.optimizer.param_groups[0]["lr"]
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {float(grad_norm)}")
+        self._last_good = [p.detach().clone() for p in self.params]
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -196,11 +214,64 @@ class Job:
             "tokens_per_s": tokens_per_s,
         }
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, revert: bool = False) -> None:
+        """Mark the job failed; ``revert``: its latest optimizer step made the weights unusable,
+        so go back to the weights before it (the last ones that gave a finite loss)."""
         self.status = FAILED
         self.error = reason
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+        if revert:
+            with torch.no_grad():
+                for param, good in zip(self.params, self._last_good, strict=True):
+                    param.copy_(good)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able state) that :meth:`restore` turns back into this exact job."""
+        assert self.optimizer is not None
+        tensors: dict[str, torch.Tensor] = {}
+        for i, param in enumerate(self.params):
+            tensors[f"param.{i}"] = param.detach().cpu().clone()
+            tensors[f"last_good.{i}"] = self._last_good[i].cpu()
+            if param.grad is not None:
+                tensors[f"grad.{i}"] = param.grad.detach().cpu().clone()
+        optimizer = self.optimizer.state_dict()
+        for i, slots in optimizer["state"].items():
+            for key, value in slots.items():
+                tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        schedule = {k: v for k, v in self.lr_schedule.state_dict().items() if k != "lr_lambdas"}
+        state = {
+            "name": self.name,
+            "batches": self.batches,
+            "param_groups": optimizer["param_groups"],
+            "lr_schedule": schedule,
+            **{key: getattr(self, key) for key in _COUNTERS},
+        }
+        return tensors, state
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint_state`'s output (same config and data)."""
+        assert self.optimizer is not None
+        if state["batches"] != self.batches:
+            raise MloraError(f"job {self.name!r}: its data or training settings changed since the checkpoint")
+        with torch.no_grad():
+            for i, param in enumerate(self.params):
+                param.copy_(tensors[f"param.{i}"])
+                self._last_good[i] = tensors[f"last_good.{i}"].to(param.device)
+                grad = tensors.get(f"grad.{i}")
+                param.grad = None if grad is None else grad.to(param.device)
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, slot = key.split(".", 2)
+                slots.setdefault(int(index), {})[slot] = value
+        self.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+        self.lr_schedule.load_state_dict({**state["lr_schedule"], "lr_lambdas": [None]})
+        for key in _COUNTERS:
+            setattr(self, key, state[key])
+        self.denominator = self._batch_denominator()
 
     def release(self) -> None:
         """Free the optimizer state and the adapter's weights (after saving)."""

@@ -118,3 +118,55 @@ def test_malformed_data_line_is_reported_with_file_and_line(make_config, data_di
 def test_missing_config_file(capsys):
     assert main(["validate", "does-not-exist.yaml"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+MORE_BAD = {
+    "malformed yaml": (None, r"not valid YAML"),
+    "name with ..": (lambda c: c["jobs"][0].update(name="../x"), r"jobs\[0\]\.name: '\.\./x' must be letters"),
+    "absolute name": (lambda c: c["jobs"][0].update(name="/abs"), r"jobs\[0\]\.name: '/abs' must be letters"),
+    "empty name": (lambda c: c["jobs"][0].update(name=""), r"jobs\[0\]\.name: '' must be letters"),
+    "duplicate names": (lambda c: c["jobs"][1].update(name="a"), r"jobs\[1\]\.name: duplicate job name 'a'"),
+    "zero batch": (lambda c: c["jobs"][0]["train"].update(micro_batch_size=0), r"micro_batch_size: must be at least 1"),
+    "negative lr": (lambda c: c["jobs"][0]["train"].update(lr=-1), r"jobs\[0\]\.train\.lr: must be positive"),
+    "zero rank": (lambda c: c["jobs"][0]["adapter"].update(r=0), r"jobs\[0\]\.adapter\.r: must be at least 1"),
+    "empty data file": ("empty", r"jobs\[1\]\.data\.path: .*b\.jsonl: no records"),
+    "non-string field": ("nonstring", r"b\.jsonl:1: missing or non-string 'output'"),
+    "output dir under a file": ("under_file", r"output_dir: .*a\.jsonl is a file, not a directory"),
+    "not a llama model": ("gpt2", r"base_model: path: .* holds a 'gpt2' model, not a LLaMA one"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MORE_BAD))
+def test_more_bad_input_is_one_clear_line(case, make_config, data_dir, tmp_path, capsys):
+    change, message = MORE_BAD[case]
+    path = make_config([job("a", data_dir / "a.jsonl"), job("b", data_dir / "b.jsonl")])
+    if change is None:
+        path.write_text(path.read_text() + "\njobs: [unclosed\n")
+    elif change == "empty":
+        (data_dir / "b.jsonl").write_text("")
+    elif change == "nonstring":
+        (data_dir / "b.jsonl").write_text('{"instruction": "x", "output": 3}\n')
+    elif change == "under_file":
+        _edit(path, lambda c: c.update(output_dir=str(data_dir / "a.jsonl" / "out")))
+    elif change == "gpt2":
+        import shutil
+
+        model = tmp_path / "gpt2"
+        shutil.copytree(yaml.safe_load(path.read_text())["base_model"]["path"], model)
+        (model / "config.json").write_text('{"model_type": "gpt2"}')
+        _edit(path, lambda c: c["base_model"].update(path=str(model), backend="llama"))
+    else:
+        _edit(path, change)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_example_longer_than_cutoff_fails_cleanly(make_config, data_dir, tmp_path, capsys):
+    path = make_config([job("a", data_dir / "a.jsonl", data_opts={"cutoff_len": 8})])
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "a.jsonl: no example has a response token left within cutoff_len 8" in err
+    assert not (tmp_path / "out").exists()  # failed before anything was written

@@ -83,23 +83,26 @@ def test_adapter_trained_with_others_equals_trained_alone(make_config, data_dir,
             torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
 
 
-def test_diverging_job_fails_alone_and_others_finish(make_config, data_dir, host):
-    jobs = [
-        job("good", data_dir / "a.jsonl", max_steps=4),
-        job("bad", data_dir / "b.jsonl", max_steps=4, lr=1e30),
-        job("also_good", data_dir / "c.jsonl", max_steps=4),
-    ]
+def test_diverging_job_fails_alone_and_others_finish(make_config, data_dir, host, tmp_path):
+    good = [job("good", data_dir / "a.jsonl", max_steps=4), job("also_good", data_dir / "c.jsonl", max_steps=4)]
+    jobs = [good[0], job("bad", data_dir / "b.jsonl", max_steps=4, lr=1e30), good[1]]
     for j in jobs:
         j["train"]["max_grad_norm"] = None
     config = load_config(make_config(jobs))
     summary = run(config, host)
     status = {j["name"]: j for j in summary["jobs"]}
-    assert status["bad"]["status"] == "failed" and status["bad"]["adapter_dir"] is None
-    assert "loss became" in status["bad"]["error"] or "gradient norm" in status["bad"]["error"]
+    bad = status["bad"]
+    assert bad["status"] == "failed" and ("loss became" in bad["error"] or "gradient norm" in bad["error"])
+    kept = _weights(Path(config.output_dir), "bad")  # its last good adapter is kept
+    assert all(torch.isfinite(w).all() for w in kept.values())
+    without = run(load_config(make_config(good), [f"output_dir={tmp_path / 'without'}"]), host)
+    assert all(j["status"] == "completed" for j in without["jobs"])
     for name in ("good", "also_good"):
         assert status[name]["status"] == "completed" and status[name]["steps"] == 4
         assert status[name]["eval_loss_after"] < status[name]["eval_loss_before"]
-        assert all(torch.isfinite(w).all() for w in _weights(Path(config.output_dir), name).values())
+        ours, alone = _weights(Path(config.output_dir), name), _weights(tmp_path / "without", name)
+        for key in ours:
+            torch.testing.assert_close(ours[key], alone[key], atol=1e-6, rtol=0)
 
 
 def test_finished_job_stops_taking_rows_and_frees_its_state(make_config, data_dir, host):

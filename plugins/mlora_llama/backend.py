@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from mlora_core.config import BaseModelConfig, torch_dtype
@@ -23,6 +25,9 @@ class LlamaBackend:
         if path.is_dir():
             if not (path / "config.json").is_file():
                 return [f"path: {path} has no config.json (expected a Hugging Face checkpoint directory)"]
+            model_type = _model_type(path / "config.json")
+            if model_type != "llama":
+                return [f"path: {path} holds a {model_type!r} model, not a LLaMA one (model_type 'llama')"]
         elif not path.is_file():
             return [f"path: {path} does not exist"]
         elif path.suffix != ".gguf":
@@ -58,3 +63,11 @@ class LlamaBackend:
             name_or_path=str(path),
             info={"dtype": config.dtype, "source": str(path)},
         )
+
+
+def _model_type(config_json: Path) -> str | None:
+    try:
+        value = json.loads(config_json.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
