@@ -88,12 +88,17 @@ def test_diverging_job_fails_alone_and_others_finish(make_config, data_dir, host
     jobs = [good[0], job("bad", data_dir / "b.jsonl", max_steps=4, lr=1e30), good[1]]
     for j in jobs:
         j["train"]["max_grad_norm"] = None
-    config = load_config(make_config(jobs))
+    config = load_config(make_config(jobs, monitor={"tensorboard": {}}))
     summary = run(config, host)
     status = {j["name"]: j for j in summary["jobs"]}
     bad = status["bad"]
     assert bad["status"] == "failed" and ("loss became" in bad["error"] or "gradient norm" in bad["error"])
     kept = _weights(Path(config.output_dir), "bad")  # its last good adapter is kept
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(config.output_dir) / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "bad/status/text_summary" in events.Tags()["tensors"]
     assert all(torch.isfinite(w).all() for w in kept.values())
     without = run(load_config(make_config(good), [f"output_dir={tmp_path / 'without'}"]), host)
     assert all(j["status"] == "completed" for j in without["jobs"])

@@ -130,6 +130,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 3
     assert any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir())  # the half-written one
 
+    kept = out / "checkpoints" / "step-00000003"
+    assert {p.suffix for p in kept.iterdir()} == {".json", ".safetensors"}  # no pickles anywhere
     resumed = Engine(config, host, resume=True)
     summary = resumed.run()
     assert [j["status"] for j in summary["jobs"]] == ["completed"] * 3

@@ -38,6 +38,8 @@ class TensorBoardMonitor:
                     self.writer.add_scalar(f"{job}/{tag}", values[key], x)
 
     def on_job_end(self, job: str, result: Mapping[str, Any]) -> None:
+        status = result["status"] + (f": {result['error']}" if result.get("error") else "")
+        self.writer.add_text(f"{job}/status", status, int(result["steps"]))
         self.writer.flush()
 
     def on_train_end(self, summary: Mapping[str, Any]) -> None:
