@@ -170,3 +170,30 @@ def test_every_example_longer_than_cutoff_fails_cleanly(make_config, data_dir, t
     err = capsys.readouterr().err
     assert "a.jsonl: no example has a response token left within cutoff_len 8" in err
     assert not (tmp_path / "out").exists()  # failed before anything was written
+
+
+def test_target_modules_matching_nothing_in_the_model_fail_cleanly(make_config, data_dir, tmp_path, capsys):
+    """A backend that promises a module name its model lacks: caught when the adapter attaches."""
+    from mlora_core.hookspecs import hookimpl
+    from mlora_core.plugins import create_plugin_manager
+    from mlora_llama.backend import LlamaBackend
+
+    class Overpromising(LlamaBackend):
+        target_modules = (*LlamaBackend.target_modules, "w_gate")
+
+    class Plugin:
+        __name__ = "overpromising"
+
+        @hookimpl
+        def mlora_register_backends(self, register):
+            register("overpromising", Overpromising)
+
+    host = create_plugin_manager(autoload=False, extra=[Plugin()])
+    jobs = [job("a", data_dir / "a.jsonl", adapter={"type": "lora", "r": 2, "target_modules": ["w_gate"]})]
+    config = load_config(make_config(jobs), ["base_model.backend=overpromising"])
+    from mlora_core.engine import Engine
+    from mlora_core.errors import MloraError
+
+    with pytest.raises(MloraError, match=r"adapter 'a': no linear layer named \['w_gate'\] in the model"):
+        Engine(config, host).run()
+    assert not (tmp_path / "out").exists()
