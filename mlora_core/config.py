@@ -136,7 +136,8 @@ def torch_dtype(name: str) -> Any:
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("fp32", "bf16")
 _SECTIONS = {f.name: f for f in dataclasses.fields(MloraConfig)}
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Job names key adapter weights in torch module dicts (no '.') and name directories (no '/').
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> MloraConfig:  # type: ignore[assignment]
@@ -385,7 +386,9 @@ def _validate_job(
     problems: list[str],
 ) -> None:
     if not _JOB_NAME.match(job.name):
-        problems.append(f"{key}.name: {job.name!r} must be letters, digits, '_', '-' or '.'")
+        problems.append(
+            f"{key}.name: {job.name!r} must be letters, digits, '_' or '-', starting with a letter or digit"
+        )
     elif job.name in seen:
         problems.append(f"{key}.name: duplicate job name {job.name!r}")
     seen.add(job.name)

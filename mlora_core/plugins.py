@@ -8,6 +8,10 @@ Environment variables:
 
 - ``MLORA_DISABLE_PLUGIN_AUTOLOAD=1``: load no third-party entry points (built-ins still load).
 - ``MLORA_DISABLED_PLUGINS=a,b``: block plugins by entry-point name (built-ins too).
+
+A third-party plugin that fails to import, has a hook with an argument its spec lacks, or
+raises in a registration hook is skipped with a warning naming its distribution, and is
+listed in the registries' unknown-name messages (:attr:`PluginHost.failed`).
 """
 
 from __future__ import annotations
@@ -51,13 +55,34 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class FailedPlugin:
+    """A third-party plugin that was skipped: it failed to import, register or register components."""
+
+    name: str
+    distribution: str
+    version: str
+    error: str
+
+    def describe(self) -> str:
+        return f"plugin {self.name!r} from distribution {self.distribution} {self.version} ({self.error})"
+
+
 class PluginHost:
     """A plugin manager plus the registries its plugins fill, with typed hook calls."""
 
-    def __init__(self, pm: pluggy.PluginManager, distributions: Mapping[str, tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        pm: pluggy.PluginManager,
+        distributions: Mapping[str, tuple[str, str]],
+        failed: Iterable[FailedPlugin] = (),
+    ) -> None:
         self.pm = pm
         self._distributions = dict(distributions)
         self._registries: dict[str, Registry] | None = None
+        #: Third-party plugins skipped because they are broken, in the order found.
+        self.failed: list[FailedPlugin] = list(failed)
+        self._failure_notes: list[str] = [f.describe() for f in self.failed]  # shared with the registries
 
     # --- registries ---------------------------------------------------------------------
 
@@ -68,11 +93,28 @@ class PluginHost:
         return self._registries[kind]
 
     def _build_registry(self, kind: str, hook_name: str) -> Registry:
-        registry = Registry(kind)
+        registry = Registry(kind, failed_plugins=self._failure_notes)
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            register = partial(_register_as, registry, impl.plugin_name)
-            impl.function(register=register)
+            if self.distribution_of(impl.plugin_name)[0] in (DIST_NAME, "(in-process)"):
+                impl.function(register=partial(_register_as, registry, impl.plugin_name))
+                continue
+            # A third-party hook that raises (an import inside it, say) registers nothing.
+            pending: list[tuple[str, Callable[..., Any]]] = []
+            try:
+                impl.function(register=partial(_collect, pending))
+            except Exception as exc:
+                self._skip(impl.plugin_name, f"{hook_name} raised {exc!r}")
+                continue
+            for name, factory in pending:
+                registry.register(name, factory, plugin=impl.plugin_name)
         return registry
+
+    def _skip(self, plugin_name: str, error: str) -> None:
+        dist, version = self.distribution_of(plugin_name)
+        failure = FailedPlugin(plugin_name, dist, version, error)
+        warnings.warn(f"skipping {failure.describe()}", stacklevel=3)
+        self.failed.append(failure)
+        self._failure_notes.append(failure.describe())
 
     @property
     def backends(self) -> Registry:
@@ -141,6 +183,10 @@ def _register_as(registry: Registry, plugin: str, name: str, factory: Callable[.
     registry.register(name, factory, plugin=plugin)
 
 
+def _collect(pending: list[tuple[str, Callable[..., Any]]], name: str, factory: Callable[..., Any]) -> None:
+    pending.append((name, factory))
+
+
 def create_plugin_manager(
     *, autoload: bool = True, extra: Iterable[object] = (), blocked: Iterable[str] = ()
 ) -> PluginHost:
@@ -164,17 +210,20 @@ def create_plugin_manager(
 
     builtin, third_party = _entry_points()
     distributions: dict[str, tuple[str, str]] = {}
+    failed: list[FailedPlugin] = []
     for ep in builtin + (third_party if autoload else []):
         if pm.is_blocked(ep.name):
             continue
-        _load_entry_point(pm, ep, distributions)
+        _load_entry_point(pm, ep, distributions, failed)
     for i, obj in enumerate(extra):
         pm.register(obj, name=getattr(obj, "__name__", None) or f"{type(obj).__name__}-{i}")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"a plugin implements an unknown hook: {exc}") from exc
-    return PluginHost(pm, distributions)
+        culprit = pm.get_name(exc.plugin) or "?"
+        dist = distributions.get(culprit, ("(in-process)", ""))[0]
+        raise PluginError(f"plugin {culprit!r} from distribution {dist} implements an unknown hook: {exc}") from exc
+    return PluginHost(pm, distributions, failed)
 
 
 def _entry_points() -> tuple[list[metadata.EntryPoint], list[metadata.EntryPoint]]:
@@ -191,7 +240,10 @@ def _entry_points() -> tuple[list[metadata.EntryPoint], list[metadata.EntryPoint
 
 
 def _load_entry_point(
-    pm: pluggy.PluginManager, ep: metadata.EntryPoint, distributions: dict[str, tuple[str, str]]
+    pm: pluggy.PluginManager,
+    ep: metadata.EntryPoint,
+    distributions: dict[str, tuple[str, str]],
+    failed: list[FailedPlugin],
 ) -> None:
     dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else ("(unknown)", "")
     try:
@@ -199,13 +251,24 @@ def _load_entry_point(
     except Exception as exc:  # a broken third-party plugin must not take mlora down
         if dist[0] == DIST_NAME:
             raise
-        warnings.warn(f"skipping plugin {ep.name!r} from distribution {dist[0]}: {exc!r}", stacklevel=2)
+        _skip_entry_point(ep.name, dist, f"import failed: {exc!r}", failed)
         return
     try:
         pm.register(plugin, name=ep.name)
-    except (ValueError, pluggy.PluginValidationError) as exc:
+    except pluggy.PluginValidationError as exc:  # e.g. a hookimpl with an argument the spec lacks
+        if dist[0] == DIST_NAME:
+            raise PluginError(f"plugin {ep.name!r} from distribution {dist[0]} cannot be registered: {exc}") from exc
+        _skip_entry_point(ep.name, dist, f"bad hook: {exc}", failed)
+        return
+    except ValueError as exc:
         raise PluginError(f"plugin {ep.name!r} from distribution {dist[0]} cannot be registered: {exc}") from exc
     distributions[ep.name] = dist
+
+
+def _skip_entry_point(name: str, dist: tuple[str, str], error: str, failed: list[FailedPlugin]) -> None:
+    failure = FailedPlugin(name, dist[0], dist[1], error)
+    warnings.warn(f"skipping {failure.describe()}", stacklevel=3)
+    failed.append(failure)
 
 
 def _env_list(var: str) -> set[str]:

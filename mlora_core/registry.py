@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -25,9 +25,11 @@ class Entry:
 class Registry:
     """Maps lowercase snake_case names of one kind of component ("scheduler", ...) to factories."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, failed_plugins: Sequence[str] = ()) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        #: Plugins that failed to load, described for error messages (the host's live list).
+        self.failed_plugins = failed_plugins
 
     def register(self, name: str, factory: Callable[..., Any], *, plugin: str) -> None:
         """Add ``name``; raises PluginError on a bad or duplicate name, naming both plugins."""
@@ -53,7 +55,11 @@ class Registry:
 
     def unknown_message(self, name: str) -> str:
         known = ", ".join(sorted(self._entries)) or "(none registered)"
-        return f"unknown {self.kind} {name!r}; known: {known}"
+        message = f"unknown {self.kind} {name!r}; known: {known}"
+        if self.failed_plugins:
+            failed = "; ".join(self.failed_plugins)
+            message += f" (plugins that failed to load, which may provide it: {failed})"
+        return message
 
     def create(self, name: str, **kwargs: Any) -> Any:
         """Build the component registered as ``name`` with ``kwargs``."""

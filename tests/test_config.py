@@ -197,3 +197,9 @@ def test_target_modules_matching_nothing_in_the_model_fail_cleanly(make_config, 
     with pytest.raises(MloraError, match=r"adapter 'a': no linear layer named \['w_gate'\] in the model"):
         Engine(config, host).run()
     assert not (tmp_path / "out").exists()
+
+
+def test_job_names_with_dots_are_rejected(make_config, data_dir, host):
+    config = load_config(make_config([job("v1.5", data_dir / "a.jsonl")]))
+    with pytest.raises(ConfigError, match=r"jobs\[0\]\.name: 'v1\.5' must be letters, digits"):
+        validate_config(config, host)

@@ -190,3 +190,78 @@ def test_a_scheduler_that_plans_nothing_fails_clearly(make_config, data_dir):
     config = load_config(make_config([job("a", data_dir / "a.jsonl")], scheduler={"type": "idle"}))
     with pytest.raises(MloraError, match="scheduler 'idle' planned nothing"):
         run(config, host)
+
+
+# --- broken third-party plugins -----------------------------------------------------------
+# Real distributions (a .dist-info with entry_points.txt and a module) written to a temp dir
+# on sys.path, so importlib.metadata finds them as installed: in-process, without pip.
+# tests/test_plugin_example_install.py does the same through pip and the `mlora` command.
+
+BROKEN = {
+    "mlora-broken-import": ("broken_import", "import not_a_module_anywhere\n"),
+    "mlora-bad-signature": (
+        "bad_signature",
+        "from mlora_core.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef mlora_register_adapters(register, colour):\n    register('shiny', object)\n",
+    ),
+    "mlora-raising-hook": (
+        "raising_hook",
+        "from mlora_core.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef mlora_register_adapters(register):\n    import not_a_module_either\n\n"
+        "@hookimpl\ndef mlora_register_schedulers(register):\n"
+        "    from mlora_schedulers.trivial import TrivialScheduler\n    register('still_fine', TrivialScheduler)\n",
+    ),
+}
+
+
+def install_fake_distributions(root, monkeypatch, dists: dict[str, tuple[str, str]]) -> None:
+    """Write each distribution (dist name -> (module, source)) under ``root`` and put it on sys.path."""
+    import sys
+
+    for dist, (module, source) in dists.items():
+        unique = f"{module}_{abs(hash(str(root))) % 10**8}"
+        (root / f"{unique}.py").write_text(source)
+        info = root / f"{dist.replace('-', '_')}-0.1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+        (info / "entry_points.txt").write_text(f"[mlora]\n{module} = {unique}\n")
+        monkeypatch.delitem(sys.modules, unique, raising=False)
+    monkeypatch.syspath_prepend(str(root))
+
+
+def test_broken_third_party_plugins_are_skipped_and_named(tmp_path, monkeypatch, make_config, data_dir):
+    (tmp_path / "site").mkdir()
+    install_fake_distributions(tmp_path / "site", monkeypatch, BROKEN)
+    with pytest.warns(UserWarning) as caught:
+        host = create_plugin_manager()
+        assert "still_fine" in host.schedulers  # builds the registries: the raising hook is found now
+    messages = "\n".join(str(w.message) for w in caught)
+    assert "'broken_import' from distribution mlora-broken-import 0.1.0 (import failed: ModuleNotFoundError" in messages
+    assert "'bad_signature' from distribution mlora-bad-signature 0.1.0 (bad hook:" in messages
+    assert "'raising_hook' from distribution mlora-raising-hook 0.1.0 (mlora_register_adapters raised" in messages
+    assert sorted(f.distribution for f in host.failed) == sorted(BROKEN)
+
+    # A config that uses only working plugins validates; one that names a missing component
+    # fails with the broken plugins and their errors in the message.
+    validate_config(load_config(make_config([job("a", data_dir / "a.jsonl")])), host)
+    bad = job("a", data_dir / "a.jsonl", adapter={"type": "shiny"})
+    with pytest.raises(ConfigError) as info:
+        validate_config(load_config(make_config([bad])), host)
+    assert "jobs[0].adapter.type: unknown adapter type 'shiny'; known: lora, qlora" in str(info.value)
+    assert "(plugins that failed to load, which may provide it: plugin '" in str(info.value)
+    assert "plugin 'broken_import' from distribution mlora-broken-import 0.1.0 (import failed:" in str(info.value)
+    assert "plugin 'bad_signature' from distribution mlora-bad-signature 0.1.0 (bad hook:" in str(info.value)
+
+
+def test_autoload_and_named_plugins_can_be_disabled(tmp_path, monkeypatch, recwarn):
+    (tmp_path / "site").mkdir()
+    install_fake_distributions(tmp_path / "site", monkeypatch, BROKEN)
+    monkeypatch.setenv("MLORA_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert create_plugin_manager().failed == []
+    monkeypatch.delenv("MLORA_DISABLE_PLUGIN_AUTOLOAD")
+    monkeypatch.setenv("MLORA_DISABLED_PLUGINS", "broken_import,bad_signature")
+    host = create_plugin_manager()
+    assert "still_fine" in host.schedulers
+    assert [f.name for f in host.failed] == ["raising_hook"]
+    assert "broken_import" not in {p.name for p in host.plugins()}
+    assert not [w for w in recwarn if "broken_import" in str(w.message)]
