@@ -119,7 +119,7 @@ class MloraConfig:
     base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     #: Monitor name -> its options; set a monitor to null to turn it off.
-    monitor: Dict[str, Any] = field(default_factory=lambda: {"console": {}})
+    monitor: Dict[str, Any] = field(default_factory=lambda: {"console": {}, "jsonl": {}})
     output_dir: str = "out"
     #: Write a checkpoint every this many engine steps (and when a job ends); null: never.
     checkpoint_every: Optional[int] = None

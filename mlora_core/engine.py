@@ -6,6 +6,7 @@ the sum of the job losses once gives every adapter exactly its own job's gradien
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ class Engine:
             self.eval_before = self._evaluate(self.jobs)
             self.eval_before_s = self.eval_s
             before = {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None}
-            self._emit("on_step_end", 0, before)
+            self._emit("on_step_end", 0, before, {})
         train_started = time.perf_counter() - self.train_elapsed
         for job in self.jobs:
             job.started = train_started
@@ -230,7 +231,7 @@ class Engine:
         """
         planned = self._plan(live)
         chosen = [job for job, _ in planned]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         batch = build_batch([(job.name, job.take(rows)) for job, rows in planned], self.pad_id)
         batch = batch.to(self.config.base_model.device)
         reset_step_peak(self.config.base_model.device)
@@ -240,12 +241,22 @@ class Engine:
             self._recover_from_oom(chosen, batch)
             return False
         rows, width = batch.input_ids.shape
-        self.memory.observe(rows, width, step_peak(self.config.base_model.device))
+        peak, real = step_peak(self.config.base_model.device), int(batch.attention_mask.sum())
+        self.memory.observe(rows, width, peak)
         self.padded_tokens += rows * width
-        self.real_tokens += int(batch.attention_mask.sum())
+        self.real_tokens += real
         seconds = time.perf_counter() - t0
         self.steps += 1
-        self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds))
+        run_metrics = {
+            "step_time_s": seconds,
+            "rows": rows,
+            "tokens": rows * width,
+            "real_tokens": real,
+            "padding_fraction": 1 - real / (rows * width),
+            "peak_memory_bytes": peak,
+            "cpu_utilisation": (time.process_time() - cpu0) / max(seconds, 1e-9) / (os.cpu_count() or 1),
+        }
+        self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds), run_metrics)
         ended = [job for job in chosen if job.status != RUNNING]
         for job in ended:
             self._finish(job)
@@ -314,7 +325,7 @@ class Engine:
             adapter_dir = str(self.out / job.name)
             job.adapter.save(adapter_dir, self.loaded.name_or_path)
             if eval_after is not None:
-                self._emit("on_step_end", self.steps, {job.name: {"eval_loss": eval_after, "step": job.step}})
+                self._emit("on_step_end", self.steps, {job.name: {"eval_loss": eval_after, "step": job.step}}, {})
         job.release()
         self.results[job.name] = job_entry(job, self.eval_before.get(job.name), eval_after, adapter_dir)
         self._emit("on_job_end", job.name, self.results[job.name])

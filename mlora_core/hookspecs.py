@@ -119,20 +119,27 @@ def mlora_on_train_start(run: Mapping[str, Any]) -> None:
 
 
 @hookspec
-def mlora_on_step_end(run: Mapping[str, Any], step: int, metrics: Mapping[str, Mapping[str, float]]) -> None:
+def mlora_on_step_end(
+    run: Mapping[str, Any], step: int, metrics: Mapping[str, Mapping[str, float]], run_metrics: Mapping[str, float]
+) -> None:
     """Called after every engine step. Must be cheap.
 
-    :param run: as in :func:`mlora_on_train_start`.
     Also called with a job's held-out loss: at step 0 before training (every job) and
-    when a job completes (that job only, at the current engine step).
+    when a job completes (that job only, at the current engine step); ``run_metrics`` is
+    then empty.
 
+    :param run: as in :func:`mlora_on_train_start`.
     :param step: the engine's global step (1, 2, ...), or 0 before training.
     :param metrics: job name to that job's numbers. A job that finished an optimizer
         step reports ``step`` and ``total_steps`` (its own optimizer steps), ``loss``,
-        ``lr``, ``grad_norm`` and ``tokens_per_s``; a held-out evaluation reports ``step``
-        and ``eval_loss``. Jobs with nothing to report are absent.
+        ``lr``, ``grad_norm``, ``tokens_per_s`` and ``tokens_seen``; a held-out evaluation
+        reports ``step`` and ``eval_loss``. Jobs with nothing to report are absent.
+    :param run_metrics: the step as a whole: ``step_time_s``, ``rows``, ``tokens`` (rows x
+        padded length), ``real_tokens``, ``padding_fraction``, ``peak_memory_bytes`` (this
+        step's peak) and ``cpu_utilisation`` (process CPU time / wall time / cores).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.1 gained ``run_metrics``.
     """
 
 

@@ -212,6 +212,7 @@ class Job:
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens_per_s": tokens_per_s,
+            "tokens_seen": self.train_tokens,
         }
 
     def fail(self, reason: str, revert: bool = False) -> None:

@@ -169,8 +169,14 @@ class PluginHost:
     def on_train_start(self, run: Mapping[str, Any]) -> None:
         self.pm.hook.mlora_on_train_start(run=run)
 
-    def on_step_end(self, run: Mapping[str, Any], step: int, metrics: Mapping[str, Mapping[str, float]]) -> None:
-        self.pm.hook.mlora_on_step_end(run=run, step=step, metrics=metrics)
+    def on_step_end(
+        self,
+        run: Mapping[str, Any],
+        step: int,
+        metrics: Mapping[str, Mapping[str, float]],
+        run_metrics: Mapping[str, float],
+    ) -> None:
+        self.pm.hook.mlora_on_step_end(run=run, step=step, metrics=metrics, run_metrics=run_metrics)
 
     def on_job_end(self, run: Mapping[str, Any], job: str, result: Mapping[str, Any]) -> None:
         self.pm.hook.mlora_on_job_end(run=run, job=job, result=result)

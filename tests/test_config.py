@@ -41,7 +41,7 @@ BAD = {
     ),
     "unknown monitor": (
         lambda c: c["monitor"].update(wandb={}),
-        r"monitor.wandb: unknown monitor 'wandb'; known: console, tensorboard",
+        r"monitor.wandb: unknown monitor 'wandb'; known: console, jsonl, tensorboard",
     ),
     "unknown target module": (
         lambda c: c["jobs"][0]["adapter"].update(target_modules=["qkv"]),

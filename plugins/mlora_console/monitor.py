@@ -1,58 +1,133 @@
-"""Progress in the terminal: a line per job every ``every`` optimizer steps, a table at the end."""
+"""Progress in the terminal, and a summary table at the end.
+
+On a terminal (``live``, the default when the stream is a TTY) one line per job is redrawn
+in place: progress, loss, tokens/s and ETA. Elsewhere (logs, CI) a line per job is printed
+every ``every`` optimizer steps.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
+
+REDRAW_EVERY_S = 0.5
+
+
+@dataclass
+class _JobLine:
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    tokens_per_s: float = 0.0
+    state: str = "waiting"
+
+    def text(self, name: str, elapsed: float) -> str:
+        if self.state != "running":
+            return f"{name:<16} {self.state}"
+        eta = elapsed / self.step * (self.total - self.step) if self.step else float("nan")
+        loss = "-" if self.loss is None else f"{self.loss:.4f}"
+        return (
+            f"{name:<16} {_bar(self.step, self.total)} {self.step:>5}/{self.total:<5} loss {loss:>8}  "
+            f"{self.tokens_per_s:>6.0f} tok/s  ETA {_duration(eta)}"
+        )
 
 
 class ConsoleMonitor:
-    def __init__(self, output_dir: str, every: int = 1, stream: TextIO | None = None) -> None:
+    def __init__(self, output_dir: str, every: int = 1, live: bool | None = None, stream: TextIO | None = None) -> None:
         self.every = max(1, every)
         self.stream = stream or sys.stdout
+        self.live = self.stream.isatty() if live is None else live
+        self.lines: dict[str, _JobLine] = {}
+        self.started = time.perf_counter()
+        self._drawn = 0
+        self._last_draw = 0.0
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
     def on_train_start(self, run: Mapping[str, Any]) -> None:
         self._print(f"mlora: training {len(run['jobs'])} job(s): {', '.join(run['jobs'])}")
+        self.lines = {name: _JobLine() for name in run["jobs"]}
+        self.started = time.perf_counter()
 
-    def on_step_end(self, step: int, metrics: Mapping[str, Mapping[str, float]]) -> None:
+    def on_step_end(
+        self, step: int, metrics: Mapping[str, Mapping[str, float]], run_metrics: Mapping[str, float]
+    ) -> None:
         for job, m in metrics.items():
-            if "loss" in m and (m["step"] % self.every == 0 or m["step"] == m["total_steps"]):
-                self._print(
-                    f"[{job}] step {int(m['step'])}/{int(m['total_steps'])}  loss {m['loss']:.4f}  "
-                    f"lr {m['lr']:.2e}  tok/s {m['tokens_per_s']:.0f}"
-                )
-            elif "eval_loss" in m:
+            line = self.lines.setdefault(job, _JobLine())
+            if "loss" in m:
+                line.step, line.total, line.loss = int(m["step"]), int(m["total_steps"]), m["loss"]
+                line.tokens_per_s, line.state = m["tokens_per_s"], "running"
+                if not self.live and (line.step % self.every == 0 or line.step == line.total):
+                    self._print(
+                        f"[{job}] step {line.step}/{line.total}  loss {m['loss']:.4f}  "
+                        f"lr {m['lr']:.2e}  tok/s {m['tokens_per_s']:.0f}"
+                    )
+            elif "eval_loss" in m and not self.live:
                 self._print(f"[{job}] held-out loss {m['eval_loss']:.4f} at step {int(m['step'])}")
+        if self.live:
+            self._redraw()
+
+    def _redraw(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_draw < REDRAW_EVERY_S:
+            return
+        elapsed = now - self.started
+        out = f"\x1b[{self._drawn}F" if self._drawn else ""
+        out += "".join(f"\x1b[2K{line.text(name, elapsed)}\n" for name, line in self.lines.items())
+        self.stream.write(out)
+        self.stream.flush()
+        self._drawn, self._last_draw = len(self.lines), now
 
     def on_job_end(self, job: str, result: Mapping[str, Any]) -> None:
         detail = f"error: {result['error']}" if result.get("error") else f"adapter: {result['adapter_dir']}"
-        self._print(f"[{job}] {result['status']} after {result['steps']} steps, {result['latency_s']:.1f}s; {detail}")
+        text = f"{result['status']} after {result['steps']} steps, {result['latency_s']:.1f}s; {detail}"
+        if self.live:
+            self.lines.setdefault(job, _JobLine()).state = text
+            self._redraw(force=True)
+        else:
+            self._print(f"[{job}] {text}")
 
     def on_train_end(self, summary: Mapping[str, Any]) -> None:
         self._print(format_table(summary))
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
-    """The end-of-run table: one row per job."""
+    """The end-of-run table: one row per job, then the run's totals."""
     header = (
-        f"{'job':<16} {'status':<10} {'steps':>5} {'tokens':>8} {'latency_s':>9} "
+        f"{'job':<16} {'status':<11} {'steps':>5} {'tokens':>8} {'latency_s':>9} {'tok/s':>7} "
         f"{'train_loss':>10} {'eval_before':>11} {'eval_after':>10}"
     )
     rows = [header, "-" * len(header)]
     for job in summary["jobs"]:
+        speed = job["train_tokens"] / job["latency_s"] if job["latency_s"] else 0.0
         rows.append(
-            f"{job['name']:<16} {job['status']:<10} {job['steps']:>5} {job['train_tokens']:>8} "
-            f"{job['latency_s']:>9.1f} {_num(job['final_train_loss']):>10} "
+            f"{job['name']:<16} {job['status']:<11} {job['steps']:>5} {job['train_tokens']:>8} "
+            f"{job['latency_s']:>9.1f} {speed:>7.0f} {_num(job['final_train_loss']):>10} "
             f"{_num(job['eval_loss_before']):>11} {_num(job['eval_loss_after']):>10}"
         )
-    totals = f"wall {summary['wall_s']:.1f}s, {summary['tokens_per_s']:.0f} tokens/s"
+    totals = (
+        f"wall {summary['wall_s']:.1f}s, {summary['tokens_per_s']:.0f} tokens/s, "
+        f"padding {summary['padding_fraction']:.1%}, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"
+    )
     rows.append(f"{totals}; summary: {summary['output_dir']}/summary.json")
     return "\n".join(rows)
 
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / total) if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # nan: no step yet
+        return "--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes:02d}:{secs:02d}"

@@ -1,7 +1,9 @@
 """Writes per-job scalars to TensorBoard event files.
 
 Tags are ``<job>/<metric>`` (``sql/train_loss``, ``sql/lr``, ``sql/eval_loss``, ...), with
-the job's optimizer step as the x axis, so each job has its own curves.
+the job's optimizer step as the x axis, so each job has its own curves; the run's per-step
+numbers are ``run/<metric>`` (``run/step_time_s``, ``run/padding_fraction``, ...) over the
+engine step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ SCALARS = {
     "grad_norm": "grad_norm",
     "tokens_per_s": "tokens_per_s",
     "eval_loss": "eval_loss",
+    "tokens_seen": "tokens_seen",
 }
 
 
@@ -30,7 +33,11 @@ class TensorBoardMonitor:
     def on_train_start(self, run: Mapping[str, Any]) -> None:
         self.writer.add_text("config", f"```\n{run['config']}\n```")
 
-    def on_step_end(self, step: int, metrics: Mapping[str, Mapping[str, float]]) -> None:
+    def on_step_end(
+        self, step: int, metrics: Mapping[str, Mapping[str, float]], run_metrics: Mapping[str, float]
+    ) -> None:
+        for key, value in run_metrics.items():
+            self.writer.add_scalar(f"run/{key}", value, step)
         for job, values in metrics.items():
             x = int(values.get("step", step))
             for key, tag in SCALARS.items():

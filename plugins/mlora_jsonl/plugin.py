@@ -1,0 +1,12 @@
+"""Registers the ``jsonl`` monitor."""
+
+from __future__ import annotations
+
+from mlora_core.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def mlora_register_monitors(register: Register) -> None:
+    from mlora_jsonl.monitor import JsonlMonitor
+
+    register("jsonl", JsonlMonitor)
