@@ -56,6 +56,8 @@ class ConsoleMonitor:
     def on_step_end(
         self, step: int, metrics: Mapping[str, Mapping[str, float]], run_metrics: Mapping[str, float]
     ) -> None:
+        if step == 0:  # the held-out losses before training: the ETA clock starts after them
+            self.started = time.perf_counter()
         for job, m in metrics.items():
             line = self.lines.setdefault(job, _JobLine())
             if "loss" in m:
