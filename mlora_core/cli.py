@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
             p.add_argument("--overwrite", action="store_true", help="start again in an output_dir that holds a run")
     sub.add_parser("plugins", help="list plugins and the components they register")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark N jobs: PEFT one after another, PEFT in parallel, mlora, and the floor",
+        description="benchmark N jobs: PEFT one after another, PEFT in parallel, mlora, and the floor",
+    )
+    from mlora_core.bench import add_arguments
+
+    add_arguments(bench)
     return parser
 
 
@@ -37,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins()
+        if args.command == "bench":
+            from mlora_core import bench
+
+            return bench.main(args, list(argv) if argv is not None else sys.argv[1:])
         return _run_or_validate(args)
     except Interrupted as exc:
         print(f"mlora: {exc}", file=sys.stderr)
