@@ -148,6 +148,7 @@ class Engine:
                     "--overwrite to start again, or choose another output_dir"
                 )
             summary.unlink(missing_ok=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # the jsonl monitor appends
             shutil.rmtree(checkpoints, ignore_errors=True)
         return None
 

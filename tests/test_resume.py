@@ -145,3 +145,7 @@ def test_output_dir_holding_a_run_needs_resume_or_overwrite(make_config, data_di
         Engine(config, host).run()
     summary = Engine(config, host, overwrite=True).run()
     assert summary["jobs"][0]["status"] == "completed"
+    events = [
+        json.loads(line)["event"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert events.count("train_start") == 1  # the overwritten run's metrics are gone
