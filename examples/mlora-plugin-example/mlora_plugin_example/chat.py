@@ -10,13 +10,13 @@ Only assistant contents (each followed by the tokenizer's EOS token) are learned
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlora_core.config import DataConfig
 from mlora_core.errors import DataError
+from mlora_core.datasets import common_data_problems, split_held_out
 from mlora_core.protocols import Sample, SplitDataset
 
 IGNORE = -100
@@ -41,21 +41,9 @@ class ChatLoader:
     """Reads chat JSONL (``messages`` lists), renders with a chat template and tokenizes."""
 
     def validate(self, config: DataConfig) -> list[str]:
-        problems = []
-        if not Path(config.path).is_file():
-            problems.append(f"path: data file not found: {config.path}")
-        else:
-            try:
-                read_conversations(Path(config.path))
-            except DataError as exc:
-                problems.append(f"path: {exc}")
+        problems = common_data_problems(config, read_conversations)
         if config.template not in TEMPLATES:
             problems.append(f"template: unknown chat template {config.template!r}; known: {', '.join(TEMPLATES)}")
-        if config.cutoff_len < 2:
-            problems.append("cutoff_len: must be at least 2")
-        v = config.val_set_size
-        if v < 0 or (v >= 1 and v != int(v)):
-            problems.append("val_set_size: a fraction in [0, 1) or a whole count")
         if config.options:
             problems.append(f"options: the chat loader takes no options, got {sorted(config.options)}")
         return problems
@@ -67,7 +55,7 @@ class ChatLoader:
         kept = [s for s in samples if s is not None]
         if not kept:
             raise DataError(f"{config.path}: no conversation has an assistant token left within cutoff_len")
-        return split(kept, config.val_set_size, seed)
+        return split_held_out(kept, config.val_set_size, seed)
 
 
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:
@@ -118,17 +106,3 @@ def tokenize(
     if all(label == IGNORE for label in labels[1:]):
         return None
     return Sample(tuple(ids), tuple(labels))
-
-
-def split(samples: list[Sample], val_set_size: float, seed: int) -> SplitDataset:
-    """Hold out ``val_set_size`` samples (a fraction or a count) chosen with ``seed``; keep file order."""
-    n = len(samples)
-    n_val = int(val_set_size) if val_set_size >= 1 else round(val_set_size * n)
-    if val_set_size > 0 and n > 1:
-        n_val = max(1, n_val)
-    n_val = min(n_val, n - 1)
-    held_out = set(random.Random(seed).sample(range(n), n_val))
-    return SplitDataset(
-        train=[s for i, s in enumerate(samples) if i not in held_out],
-        eval=[s for i, s in enumerate(samples) if i in held_out],
-    )
