@@ -118,12 +118,24 @@ class LoraAdapterType:
         for path, module in list(model.named_modules()):
             if path.rsplit(".", 1)[-1] not in wanted:
                 continue
-            layer = _wrap(model, path, module, router)
+            layer = self.layer_at(model, path, module, router)
             if layer is not None:
-                layer.add_adapter(name, config.r, config.alpha, config.dropout)
+                self.add_to_layer(layer, name, config)
                 layers[path] = layer
         if not layers:
             raise MloraError(f"adapter {name!r}: no linear layer named {sorted(wanted)} in the model")
+        return self.make_adapter(name, config, layers)
+
+    # Extension points for adapter types built on LoRA (the example DoRA plugin uses them).
+
+    def layer_at(self, model: nn.Module, path: str, module: nn.Module, router: RowRouter) -> LoraLinear | None:
+        """The adapted layer at ``path`` (wrapping a plain linear on first use), or None to skip it."""
+        return _wrap(model, path, module, router)
+
+    def add_to_layer(self, layer: LoraLinear, name: str, config: AdapterConfig) -> None:
+        layer.add_adapter(name, config.r, config.alpha, config.dropout)
+
+    def make_adapter(self, name: str, config: AdapterConfig, layers: dict[str, LoraLinear]) -> LoraAdapter:
         return LoraAdapter(name, config, layers)
 
 

@@ -61,6 +61,13 @@ class LoraLinear(nn.Module):
         x = self.lora_dropout[name](x.to(a.weight.dtype))
         return b(a(x)) * self.scaling[name]
 
+    def segment_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to its rows: ``x`` (rows, T, in), ``base_out`` (rows, T, out).
+
+        LoRA ignores ``base_out``; subclasses whose update depends on it (DoRA) override this.
+        """
+        return self.delta(name, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, in) -> (B, T, out); each segment's rows get their own adapter."""
         result = self.base_layer(x)  # (B, T, out)
@@ -73,6 +80,6 @@ class LoraLinear(nn.Module):
         for seg in segments:
             part = result[seg.start : seg.stop]  # (rows_j, T, out)
             if seg.adapter in self.lora_A:
-                part = part + self.delta(seg.adapter, x[seg.start : seg.stop]).to(part.dtype)
+                part = part + self.segment_delta(seg.adapter, x[seg.start : seg.stop], part).to(part.dtype)
             pieces.append(part)
         return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]

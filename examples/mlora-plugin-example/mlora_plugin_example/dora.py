@@ -93,24 +93,11 @@ class DoraLinear(LoraLinear):
         scale = self.lora_magnitude[name] / self._weight_norm(name)  # (out,)
         return (scale - 1) * base + scale * b(a(x)) * scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, in) -> (B, T, out); each segment's rows get their own LoRA or DoRA adapter."""
-        result = self.base_layer(x)  # (B, T, out)
-        segments = self.router.segments
-        if not any(seg.adapter in self.lora_A for seg in segments):
-            return result
-        if segments[-1].stop != x.shape[0]:
-            raise ValueError(f"row segments cover {segments[-1].stop} rows, the batch has {x.shape[0]}")
-        pieces = []
-        for seg in segments:
-            part = result[seg.start : seg.stop]  # (rows_j, T, out)
-            rows = x[seg.start : seg.stop]
-            if seg.adapter in self.lora_magnitude:
-                part = part + self.dora_delta(seg.adapter, rows, part).to(part.dtype)
-            elif seg.adapter in self.lora_A:
-                part = part + self.delta(seg.adapter, rows).to(part.dtype)
-            pieces.append(part)
-        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+    def segment_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """DoRA rows use :meth:`dora_delta`; LoRA adapters sharing the layer keep LoRA's update."""
+        if name in self.lora_magnitude:
+            return self.dora_delta(name, x, base_out)
+        return super().segment_delta(name, x, base_out)
 
 
 class DoraAdapter(LoraAdapter):
@@ -152,18 +139,15 @@ class DoraAdapterType(LoraAdapterType):
             problems.append(f"options: the dora adapter takes no options, got {sorted(config.options)}")
         return problems
 
-    def attach(self, model: nn.Module, name: str, config: AdapterConfig, router: RowRouter) -> DoraAdapter:
-        wanted = set(config.target_modules)
-        layers: dict[str, DoraLinear] = {}
-        for path, module in list(model.named_modules()):
-            if path.rsplit(".", 1)[-1] in wanted:
-                layer = _dora_layer(model, path, module, router)
-                if layer is not None:
-                    layer.add_dora_adapter(name, config.r, config.alpha, config.dropout)
-                    layers[path] = layer
-        if not layers:
-            raise MloraError(f"adapter {name!r}: no linear layer named {sorted(wanted)} in the model")
-        return DoraAdapter(name, config, layers)  # type: ignore[arg-type]
+    def layer_at(self, model: nn.Module, path: str, module: nn.Module, router: RowRouter) -> DoraLinear | None:
+        return _dora_layer(model, path, module, router)
+
+    def add_to_layer(self, layer: LoraLinear, name: str, config: AdapterConfig) -> None:
+        assert isinstance(layer, DoraLinear)
+        layer.add_dora_adapter(name, config.r, config.alpha, config.dropout)
+
+    def make_adapter(self, name: str, config: AdapterConfig, layers: dict[str, LoraLinear]) -> DoraAdapter:
+        return DoraAdapter(name, config, layers)
 
 
 def _dora_layer(model: nn.Module, path: str, module: nn.Module, router: RowRouter) -> DoraLinear | None:
