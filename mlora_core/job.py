@@ -56,9 +56,10 @@ def plan_batches(lengths: list[int], train: TrainConfig) -> list[list[int]]:
     for epoch in range(train.epochs):
         generator = torch.Generator().manual_seed(train.seed + epoch)
         order = torch.randperm(n_samples, generator=generator).tolist() if train.shuffle else list(range(n_samples))
-        epoch_batches = [order[i : i + train.batch_size] for i in range(0, n_samples, train.batch_size)]
         if train.group_by_length:
             epoch_batches = _group_by_length(order, lengths, train.batch_size, generator, train.shuffle)
+        else:
+            epoch_batches = [order[i : i + train.batch_size] for i in range(0, n_samples, train.batch_size)]
         batches += epoch_batches
     return batches[: train.max_steps] if train.max_steps else batches
 

@@ -10,7 +10,7 @@ its optimizer batch), and the adapter still learns exactly the same.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 
@@ -55,6 +55,10 @@ class StepBudget:
 
     max_tokens: int | None = None
     fits: Callable[[int, int], bool] = field(default=_always_fits)
+
+    def with_default_tokens(self, jobs: Sequence[JobView]) -> StepBudget:
+        """This budget, with :func:`default_token_budget` when ``max_tokens`` is None."""
+        return self if self.max_tokens else replace(self, max_tokens=default_token_budget(jobs))
 
     def allows(self, rows: int, length: int) -> bool:
         within = self.max_tokens is None or rows * length <= self.max_tokens

@@ -11,10 +11,9 @@ taken, so no job waits longer than that.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 from mlora_core.config import SchedulerConfig
-from mlora_core.scheduling import JobView, StepBudget, StepPlan, default_token_budget
+from mlora_core.scheduling import JobView, StepBudget, StepPlan
 from mlora_schedulers.packing import pack, starving
 
 
@@ -23,7 +22,7 @@ class OptimalFitScheduler:
         self.max_wait = config.max_wait_steps
 
     def plan(self, jobs: Sequence[JobView], budget: StepBudget) -> StepPlan:
-        budget = replace(budget, max_tokens=budget.max_tokens or default_token_budget(jobs))
+        budget = budget.with_default_tokens(jobs)
         forced = starving(jobs, self.max_wait)
         anchor = max(jobs, key=lambda j: (j.waited, j.priority, -j.order))
         must = forced or [anchor]
