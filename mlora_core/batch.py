@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mlora_core.protocols import Sample
 from mlora_core.routing import Segment
@@ -57,38 +56,6 @@ def build_batch(parts: Sequence[tuple[str, Sequence[Sample]]], pad_id: int) -> M
         segments.append(Segment(name, start, start + len(samples)))
         start += len(samples)
     return MultiJobBatch(input_ids, mask, labels, tuple(segments))
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per position, 0 where not learned.
-
-    Args:
-        logits: (B, T, V), any float dtype (computed in fp32).
-        labels: (B, T), IGNORE_INDEX where not learned.
-
-    Returns:
-        (B, T-1) fp32: loss of predicting token t+1 from positions <= t.
-    """
-    shifted = labels[:, 1:]
-    ce = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        shifted.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return ce.view(shifted.shape)
-
-
-def per_job_loss_sums(batch: MultiJobBatch, logits: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per job: (sum of its token losses, number of learned tokens), over its own rows only."""
-    losses = token_losses(logits, batch.labels)  # (B, T-1)
-    learned = batch.labels[:, 1:] != IGNORE_INDEX
-    out = {}
-    for seg in batch.segments:
-        assert seg.adapter is not None
-        rows = slice(seg.start, seg.stop)
-        out[seg.adapter] = (losses[rows].sum(), int(learned[rows].sum()))
-    return out
 
 
 def learned_tokens(sample: Sample) -> int:

@@ -6,7 +6,6 @@ the sum of the job losses once gives every adapter exactly its own job's gradien
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -15,18 +14,20 @@ from typing import Any
 import torch
 
 from mlora_core.base_model import load_base_model
-from mlora_core.batch import MultiJobBatch, build_batch, per_job_loss_sums
+from mlora_core.batch import MultiJobBatch, build_batch
 from mlora_core.config import JobConfig, MloraConfig, to_dict, validate_config
 from mlora_core.errors import Interrupted, MloraError
 from mlora_core.evaluate import held_out_losses
 from mlora_core.checkpoint import CHECKPOINTS, latest_checkpoint, load_engine_state, load_job_state, save_checkpoint
 from mlora_core.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
+from mlora_core.loss import learned_logits, per_job_loss_sums
 from mlora_core.memory import MemoryModel, device_memory_limit, peak_memory, reset_step_peak, step_peak
 from mlora_core.plugins import PluginHost
 from mlora_core.protocols import LoadedModel
 from mlora_core.routing import RowRouter
 from mlora_core.scheduling import StepBudget, admit
 from mlora_core.summary import SUMMARY_FORMAT, job_entry, write_json_atomic
+from mlora_core.utilisation import UtilisationMeter
 
 
 class Engine:
@@ -52,8 +53,9 @@ class Engine:
         if limit is None:
             limit = device_memory_limit(config.base_model.device)
         self.memory = MemoryModel(limit=limit or None)
+        self.utilisation = UtilisationMeter(config.base_model.device)
         self.budget = StepBudget(max_tokens=config.scheduler.max_tokens_per_step, fits=self.memory.fits)
-        self.padded_tokens = self.real_tokens = self.oom_retries = 0
+        self.padded_tokens = self.real_tokens = self.oom_retries = self.peak_bytes = 0
         self.eval_s = self.eval_before_s = 0.0
         self.monitors: list[Any] = []
         self.results: dict[str, dict[str, Any]] = {}
@@ -232,7 +234,8 @@ class Engine:
         """
         planned = self._plan(live)
         chosen = [job for job, _ in planned]
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
+        self.utilisation.start()
         batch = build_batch([(job.name, job.take(rows)) for job, rows in planned], self.pad_id)
         batch = batch.to(self.config.base_model.device)
         reset_step_peak(self.config.base_model.device)
@@ -244,6 +247,9 @@ class Engine:
         rows, width = batch.input_ids.shape
         peak, real = step_peak(self.config.base_model.device), int(batch.attention_mask.sum())
         self.memory.observe(rows, width, peak)
+        self.peak_bytes = max(self.peak_bytes, peak)  # per-step resets hide earlier peaks from peak_memory()
+        for job in chosen:
+            job.peak_memory_bytes = max(job.peak_memory_bytes, peak)
         self.padded_tokens += rows * width
         self.real_tokens += real
         seconds = time.perf_counter() - t0
@@ -255,7 +261,7 @@ class Engine:
             "real_tokens": real,
             "padding_fraction": 1 - real / (rows * width),
             "peak_memory_bytes": peak,
-            "cpu_utilisation": (time.process_time() - cpu0) / max(seconds, 1e-9) / (os.cpu_count() or 1),
+            **self.utilisation.read(seconds),
         }
         self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds), run_metrics)
         ended = [job for job in chosen if job.status != RUNNING]
@@ -266,7 +272,7 @@ class Engine:
     def _forward_backward(self, chosen: list[Job], batch: MultiJobBatch) -> dict[str, torch.Tensor]:
         """One forward over all rows, per-job losses, one backward of their sum."""
         with self.router.route(batch.segments):
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = learned_logits(self.loaded, batch)  # (learned positions, V)
         sums = per_job_loss_sums(batch, logits)  # job -> (loss sum, learned tokens)
         losses = {}
         for job in chosen:
@@ -334,7 +340,7 @@ class Engine:
     def _evaluate(self, jobs: list[Job]) -> dict[str, float | None]:
         started = time.perf_counter()
         sets = [(j.name, j.data.eval, j.config.train.micro_batch_size) for j in jobs if j.data.eval]
-        losses = held_out_losses(self.model, self.router, sets, self.pad_id, self.config.base_model.device)
+        losses = held_out_losses(self.loaded, self.router, sets, self.pad_id, self.config.base_model.device)
         self.eval_s += time.perf_counter() - started
         return {j.name: losses.get(j.name) for j in jobs}
 
@@ -360,7 +366,7 @@ class Engine:
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "padding_fraction": 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0,
             "oom_retries": self.oom_retries,
-            "peak_memory_bytes": peak_bytes,
+            "peak_memory_bytes": max(peak_bytes, self.peak_bytes),
             "peak_memory_kind": peak_kind,
             "jobs": results,
         }

@@ -6,17 +6,17 @@ from collections.abc import Sequence
 from itertools import groupby
 
 import torch
-from torch import nn
 
-from mlora_core.batch import build_batch, per_job_loss_sums
-from mlora_core.protocols import Sample
+from mlora_core.batch import build_batch
+from mlora_core.loss import learned_logits, per_job_loss_sums
+from mlora_core.protocols import LoadedModel, Sample
 from mlora_core.routing import RowRouter
 
 Parts = list[tuple[str, list[Sample]]]
 
 
 def held_out_losses(
-    model: nn.Module,
+    loaded: LoadedModel,
     router: RowRouter,
     eval_sets: Sequence[tuple[str, Sequence[Sample], int]],
     pad_id: int,
@@ -32,13 +32,14 @@ def held_out_losses(
     """
     chunks = {name: [list(s[i : i + rows]) for i in range(0, len(s), rows)] for name, s, rows in eval_sets}
     totals = {name: [0.0, 0] for name in chunks}
+    model = loaded.model
     was_training = model.training
     model.train(False)
     try:
         with torch.no_grad():
             for i in range(max((len(c) for c in chunks.values()), default=0)):
                 parts = [(name, c[i]) for name, c in chunks.items() if i < len(c)]
-                for name, (loss_sum, n) in _loss_sums(model, router, parts, pad_id, device):
+                for name, (loss_sum, n) in _loss_sums(loaded, router, parts, pad_id, device):
                     totals[name][0] += loss_sum
                     totals[name][1] += n
     finally:
@@ -47,13 +48,13 @@ def held_out_losses(
 
 
 def _loss_sums(
-    model: nn.Module, router: RowRouter, parts: Parts, pad_id: int, device: str
+    loaded: LoadedModel, router: RowRouter, parts: Parts, pad_id: int, device: str
 ) -> list[tuple[str, tuple[float, int]]]:
     """(job, (loss sum, learned tokens)) for one batch of parts, halving it on out-of-memory."""
     try:
         batch = build_batch(parts, pad_id).to(device)
         with router.route(batch.segments):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = learned_logits(loaded, batch)  # (learned positions, V)
         return [(name, (float(s), n)) for name, (s, n) in per_job_loss_sums(batch, logits).items()]
     except torch.OutOfMemoryError:
         rows = [(name, s) for name, samples in parts for s in samples]
@@ -65,7 +66,7 @@ def _loss_sums(
         return [
             r
             for piece in (rows[:half], rows[half:])
-            for r in _loss_sums(model, router, _regroup(piece), pad_id, device)
+            for r in _loss_sums(loaded, router, _regroup(piece), pad_id, device)
         ]
 
 

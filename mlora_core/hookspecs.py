@@ -136,7 +136,8 @@ def mlora_on_step_end(
         reports ``step`` and ``eval_loss``. Jobs with nothing to report are absent.
     :param run_metrics: the step as a whole: ``step_time_s``, ``rows``, ``tokens`` (rows x
         padded length), ``real_tokens``, ``padding_fraction``, ``peak_memory_bytes`` (this
-        step's peak) and ``cpu_utilisation`` (process CPU time / wall time / cores).
+        step's peak) and either ``gpu_utilisation`` (CUDA with nvidia-ml-py: NVML's share of
+        time a kernel ran) or ``cpu_utilisation`` (process CPU time / wall time / cores).
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.1 gained ``run_metrics``.

@@ -36,6 +36,7 @@ _COUNTERS = (
     "batch_tokens",
     "batch_seconds",
     "final_train_loss",
+    "peak_memory_bytes",
 )
 
 #: group_by_length sorts samples by length within windows of this many batches.
@@ -127,6 +128,7 @@ class Job:
         self.batch_tokens = 0  # non-pad tokens of the current optimizer batch so far
         self.batch_seconds = 0.0  # wall time of the engine steps this batch took part in
         self.final_train_loss: float | None = None
+        self.peak_memory_bytes = 0  # highest peak of the engine steps this job took part in
         self.started = time.perf_counter()
         self.ended: float | None = None
         self.denominator = self._batch_denominator()

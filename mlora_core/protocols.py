@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,6 +30,12 @@ class LoadedModel:
     name_or_path: str
     #: Extra facts for summary.json (dtype, parameter bytes, ...).
     info: dict[str, Any] = field(default_factory=dict)
+    #: Optional split of ``model`` for training: ``hidden_states(input_ids (B, T),
+    #: attention_mask (B, T))`` -> final hidden states (B, T, H) before the LM head, and
+    #: ``lm_head`` mapping (..., H) -> logits (..., V). With both set, the engine computes
+    #: logits only at the positions whose next token is learned (see mlora_core.loss).
+    hidden_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    lm_head: nn.Module | None = None
 
 
 class ModelBackend(Protocol):
@@ -77,6 +83,18 @@ class AdapterType(Protocol):
 
     def attach(self, model: nn.Module, name: str, config: AdapterConfig, router: RowRouter) -> Adapter:
         """Add adapter ``name`` to ``model``; its layers read their rows from ``router``."""
+        ...
+
+    def load(self, model: nn.Module, name: str, directory: str, router: RowRouter) -> Adapter:
+        """Attach adapter ``name`` with the weights saved in ``directory`` (PEFT's format).
+
+        Optional: types without it cannot serve saved adapters (``mlora generate``), and the
+        core says so. ``directory`` holds ``adapter_config.json`` (its ``peft_type`` picks the
+        type) and the weights. Raises :class:`~mlora_core.errors.MloraError` for settings the
+        type cannot reproduce and for weights that do not fit ``model`` (another base model).
+
+        .. versionadded:: 0.1
+        """
         ...
 
 

@@ -24,6 +24,7 @@ def job_entry(job: Any, eval_before: float | None, eval_after: float | None, ada
         "eval_loss_after": eval_after,
         "final_train_loss": job.final_train_loss,
         "latency_s": round(job.latency_s, 3),
+        "peak_memory_bytes": job.peak_memory_bytes,
         "adapter_dir": adapter_dir,
     }
 

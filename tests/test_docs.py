@@ -54,6 +54,7 @@ def job_entry_fields() -> list[str]:
         train_tokens=10,
         final_train_loss=1.0,
         latency_s=0.5,
+        peak_memory_bytes=1,
     )
     return list(job_entry(stand_in, 2.0, 1.0, "out/j"))
 

@@ -6,6 +6,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import job
 from mlora_console.monitor import ConsoleMonitor, format_table
 from mlora_core.config import load_config
@@ -33,6 +35,26 @@ def test_metrics_jsonl_holds_every_step_job_end_and_summary(make_config, data_di
     assert [r["job"] for r in records if r["event"] == "job_end"] == ["b", "a"]
     assert records[-1]["summary"]["jobs"] == summary["jobs"]
     assert {"tokens_seen", "grad_norm", "tokens_per_s", "lr"} <= set(steps[-1]["jobs"]["a"])
+    # Each job's peak is the highest step peak among the steps that held its rows.
+    for entry in summary["jobs"]:
+        own = [r["run"]["peak_memory_bytes"] for r in steps if entry["name"] in r["jobs"]]
+        assert 0 < entry["peak_memory_bytes"] <= summary["peak_memory_bytes"]
+        assert entry["peak_memory_bytes"] >= max(own, default=0)
+
+
+def test_utilisation_falls_back_to_cpu_without_a_gpu():
+    import torch
+
+    from mlora_core.utilisation import UtilisationMeter
+
+    meter = UtilisationMeter("cuda:0")
+    if torch.cuda.is_available():  # pragma: no cover - exercised on GPU machines only
+        pytest.skip("this checks the fallback on machines without CUDA")
+    assert meter.metric == "cpu_utilisation"
+    meter.start()
+    sum(i * i for i in range(200_000))  # busy for a moment
+    busy = meter.read(0.05)["cpu_utilisation"]
+    assert busy > 0
 
 
 def test_tensorboard_has_run_scalars(make_config, data_dir, host, tmp_path):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mlora_core.batch import build_batch, per_job_loss_sums
+from mlora_core.batch import build_batch
+from mlora_core.loss import learned_logits, per_job_loss_sums
 from mlora_core.config import AdapterConfig, BaseModelConfig
 from mlora_core.protocols import Sample
 from mlora_core.routing import RowRouter
@@ -25,7 +26,7 @@ def _setup(host, tiny_llama_dir):
         with torch.no_grad():  # B starts at zero; make every adapter active
             for p in adapters[name].parameters():
                 p.normal_(0, 0.1)
-    return loaded.model, router, adapters
+    return loaded, router, adapters
 
 
 def _rows(seed: int, n: int, length: int, vocab: int) -> list[Sample]:
@@ -37,13 +38,13 @@ def _rows(seed: int, n: int, length: int, vocab: int) -> list[Sample]:
     return out
 
 
-def _losses_and_grads(model, router, adapters, parts):
+def _losses_and_grads(loaded, router, adapters, parts):
     for adapter in adapters.values():
         for p in adapter.parameters():
             p.grad = None
     batch = build_batch(parts, pad_id=0)
     with router.route(batch.segments):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = learned_logits(loaded, batch)
     sums = per_job_loss_sums(batch, logits)
     torch.stack([s / n for s, n in sums.values()]).sum().backward()
     losses = {k: (s / n).item() for k, (s, n) in sums.items()}
@@ -55,14 +56,14 @@ def _losses_and_grads(model, router, adapters, parts):
 
 
 def test_changing_one_jobs_rows_changes_no_other_job(host, tiny_llama_dir):
-    model, router, adapters = _setup(host, tiny_llama_dir)
-    vocab = model.config.vocab_size
+    loaded, router, adapters = _setup(host, tiny_llama_dir)
+    vocab = loaded.model.config.vocab_size
     a, c = _rows(1, 2, 12, vocab), _rows(3, 3, 9, vocab)
     base_parts = [("a", a), ("b", _rows(2, 2, 10, vocab)), ("c", c)]
-    losses1, grads1 = _losses_and_grads(model, router, adapters, base_parts)
+    losses1, grads1 = _losses_and_grads(loaded, router, adapters, base_parts)
     # Different tokens for b, and longer rows, which also widens the padded batch.
     changed = [("a", a), ("b", _rows(99, 4, 20, vocab)), ("c", c)]
-    losses2, grads2 = _losses_and_grads(model, router, adapters, changed)
+    losses2, grads2 = _losses_and_grads(loaded, router, adapters, changed)
 
     assert losses1["b"] != losses2["b"]
     assert any(not torch.allclose(g1, g2) for g1, g2 in zip(grads1["b"], grads2["b"], strict=True))
@@ -74,11 +75,11 @@ def test_changing_one_jobs_rows_changes_no_other_job(host, tiny_llama_dir):
 
 def test_rows_of_a_job_equal_a_batch_of_their_own(host, tiny_llama_dir):
     """Job a's loss and gradient in a mixed batch equal those of a batch holding only a's rows."""
-    model, router, adapters = _setup(host, tiny_llama_dir)
-    vocab = model.config.vocab_size
+    loaded, router, adapters = _setup(host, tiny_llama_dir)
+    vocab = loaded.model.config.vocab_size
     a = _rows(1, 2, 12, vocab)
-    mixed, mixed_grads = _losses_and_grads(model, router, adapters, [("b", _rows(2, 3, 16, vocab)), ("a", a)])
-    alone, alone_grads = _losses_and_grads(model, router, adapters, [("a", a)])
+    mixed, mixed_grads = _losses_and_grads(loaded, router, adapters, [("b", _rows(2, 3, 16, vocab)), ("a", a)])
+    alone, alone_grads = _losses_and_grads(loaded, router, adapters, [("a", a)])
     assert abs(mixed["a"] - alone["a"]) <= 1e-6
     for g1, g2 in zip(mixed_grads["a"], alone_grads["a"], strict=True):
         torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)

@@ -61,6 +61,8 @@ class ChatGLMBackend:
             tokenizer=tokenizer,
             name_or_path=str(path),
             info={"dtype": config.dtype, "source": str(path), "architecture": "chatglm2/3"},
+            hidden_states=model.transformer.hidden_states,
+            lm_head=model.transformer.output_layer,
         )
 
 

@@ -14,6 +14,7 @@ from mlora_chatglm.config import read_config_json
 from mlora_core.config import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
 from mlora_core.protocols import LoadedModel
+from mlora_core.transformers_split import split_causal_lm
 
 #: model_type -> the transformers class that loads it.
 GLM_CLASSES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
@@ -46,11 +47,14 @@ class GlmBackend:
         model.requires_grad_(False)
         model.config.use_cache = False
         model.to(config.device)
+        hidden_states, lm_head = split_causal_lm(model)
         return LoadedModel(
             model=model,
             tokenizer=load_fast_tokenizer(path, raw),
             name_or_path=str(path),
             info={"dtype": config.dtype, "source": str(path), "architecture": raw["model_type"]},
+            hidden_states=hidden_states,
+            lm_head=lm_head,
         )
 
 

@@ -183,12 +183,15 @@ class ChatGLMModel(nn.Module):
         self.encoder = Encoder(config)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, attention_mask (1 = token): (B, T) -> logits (B, T, V)."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, attention_mask (1 = token): (B, T) -> final hidden states (B, T, H)."""
         x = self.embedding(input_ids)  # (B, T, H)
         rope = rotary_tables(self.config, input_ids.shape[1], input_ids.device)
-        x = self.encoder(x, rope, attention_mask_4d(attention_mask))
-        return self.output_layer(x)
+        return self.encoder(x, rope, attention_mask_4d(attention_mask))  # type: ignore[no-any-return]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, attention_mask (1 = token): (B, T) -> logits (B, T, V)."""
+        return self.output_layer(self.hidden_states(input_ids, attention_mask))  # type: ignore[no-any-return]
 
 
 def attention_mask_4d(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -101,7 +101,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     """The end-of-run table: one row per job, then the run's totals."""
     header = (
         f"{'job':<16} {'status':<11} {'steps':>5} {'tokens':>8} {'latency_s':>9} {'tok/s':>7} "
-        f"{'train_loss':>10} {'eval_before':>11} {'eval_after':>10}"
+        f"{'train_loss':>10} {'eval_before':>11} {'eval_after':>10} {'peak_GiB':>8}"
     )
     rows = [header, "-" * len(header)]
     for job in summary["jobs"]:
@@ -109,7 +109,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
         rows.append(
             f"{job['name']:<16} {job['status']:<11} {job['steps']:>5} {job['train_tokens']:>8} "
             f"{job['latency_s']:>9.1f} {speed:>7.0f} {_num(job['final_train_loss']):>10} "
-            f"{_num(job['eval_loss_before']):>11} {_num(job['eval_loss_after']):>10}"
+            f"{_num(job['eval_loss_before']):>11} {_num(job['eval_loss_after']):>10} "
+            f"{job.get('peak_memory_bytes', 0) / 2**30:>8.2f}"
         )
     totals = (
         f"wall {summary['wall_s']:.1f}s, {summary['tokens_per_s']:.0f} tokens/s, "

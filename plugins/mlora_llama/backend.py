@@ -10,6 +10,7 @@ from mlora_core.config import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
 from mlora_core.paths import resolve_model_path
 from mlora_core.protocols import LoadedModel
+from mlora_core.transformers_split import split_causal_lm
 
 
 class LlamaBackend:
@@ -57,11 +58,14 @@ class LlamaBackend:
         model.to(config.device)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        hidden_states, lm_head = split_causal_lm(model)
         return LoadedModel(
             model=model,
             tokenizer=tokenizer,
             name_or_path=str(path),
             info={"dtype": config.dtype, "source": str(path)},
+            hidden_states=hidden_states,
+            lm_head=lm_head,
         )
 
 
