@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
-from mlora_core.config import BaseModelConfig, resolve_backend, torch_dtype
+from mlora_core.config import BaseModelConfig, torch_dtype
+
+
+from mlora_core.validation import resolve_backend
 from mlora_core.protocols import LoadedModel
 from mlora_core.quantization import quantize_linears, resident_bytes
 

@@ -1,4 +1,4 @@
-"""The ``mlora`` command: run, validate, plugins."""
+"""The ``mlora`` command: run, validate, plan, eval, generate, bench, plugins."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "train every job of a config"),
         ("validate", "check a config without loading a model"),
         ("plan", "predict peak memory and the largest micro_batch_size and cutoff_len that fit"),
+        ("eval", "held-out loss and exact-match accuracy of each job's saved adapter, and of the base"),
     )
     for name, text in commands:
         p = sub.add_parser(name, help=text, description=text)
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     from mlora_core.bench import add_arguments
 
     add_arguments(bench)
+    text = "generate text with saved adapters, many adapters per batch over one base"
+    from mlora_core import generate_cli
+
+    generate_cli.add_arguments(sub.add_parser("generate", help=text, description=text))
     return parser
 
 
@@ -49,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mlora_core import bench
 
             return bench.main(args, list(argv) if argv is not None else sys.argv[1:])
+        if args.command == "generate":
+            return _generate(args)
         return _run_or_validate(args)
     except Interrupted as exc:
         print(f"mlora: {exc}", file=sys.stderr)
@@ -65,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_or_validate(args: argparse.Namespace) -> int:
-    from mlora_core.config import load_config, validate_config
+    from mlora_core.config import load_config
+    from mlora_core.validation import validate_config
     from mlora_core.plugins import create_plugin_manager
 
     config = load_config(args.config, args.overrides)
@@ -74,6 +82,10 @@ def _run_or_validate(args: argparse.Namespace) -> int:
         validate_config(config, host)
         print(f"{args.config}: OK ({len(config.jobs)} job(s): {', '.join(j.name for j in config.jobs)})")
         return 0
+    if args.command == "eval":
+        from mlora_core.eval_saved import main as eval_main
+
+        return eval_main(config, host)
     if args.command == "plan":
         from mlora_core.planning import format_plan, plan_memory
 
@@ -85,6 +97,12 @@ def _run_or_validate(args: argparse.Namespace) -> int:
     _stop_on_signals(engine)
     summary = engine.run()
     return 0 if all(j["status"] == "completed" for j in summary["jobs"]) else 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mlora_core import generate_cli
+
+    return generate_cli.main(args)
 
 
 def _stop_on_signals(engine: Any) -> None:

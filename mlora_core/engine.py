@@ -15,8 +15,10 @@ import torch
 
 from mlora_core.base_model import load_base_model
 from mlora_core.batch import MultiJobBatch, build_batch
-from mlora_core.config import JobConfig, MloraConfig, to_dict, validate_config
+from mlora_core.config import JobConfig, MloraConfig, to_dict
+from mlora_core.validation import validate_config
 from mlora_core.errors import Interrupted, MloraError
+from mlora_core.accuracy import exact_match_accuracy
 from mlora_core.evaluate import held_out_losses
 from mlora_core.checkpoint import CHECKPOINTS, latest_checkpoint, load_engine_state, load_job_state, save_checkpoint
 from mlora_core.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
@@ -59,7 +61,8 @@ class Engine:
         self.eval_s = self.eval_before_s = 0.0
         self.monitors: list[Any] = []
         self.results: dict[str, dict[str, Any]] = {}
-        self.eval_before: dict[str, float | None] = {}
+        #: job -> {"eval_loss": ..., "accuracy": ...} before training (None: not measured)
+        self.eval_before: dict[str, dict[str, float | None]] = {}
         self.steps = 0
 
     # --- set-up ---------------------------------------------------------------------------
@@ -113,8 +116,7 @@ class Engine:
         if not self.resumed:
             self.eval_before = self._evaluate(self.jobs)
             self.eval_before_s = self.eval_s
-            before = {n: {"eval_loss": v, "step": 0} for n, v in self.eval_before.items() if v is not None}
-            self._emit("on_step_end", 0, before, {})
+            self._emit_eval({j.name: (0, self.eval_before[j.name]) for j in self.jobs})
         train_started = time.perf_counter() - self.train_elapsed
         for job in self.jobs:
             job.started = train_started
@@ -192,7 +194,7 @@ class Engine:
         for job in self.jobs:
             if job.status == RUNNING:
                 job.status, job.error = INTERRUPTED, f"stopped by {self.stop_signal}"
-                self.results[job.name] = job_entry(job, self.eval_before.get(job.name), None, None)
+                self.results[job.name] = job_entry(job, self.eval_before.get(job.name, {}), {}, None)
         return f"stopped by {self.stop_signal} at step {self.steps}; checkpoint in {where}; continue with --resume"
 
     def _end(self, train_started: float) -> dict[str, Any]:
@@ -264,6 +266,7 @@ class Engine:
             **self.utilisation.read(seconds),
         }
         self._emit("on_step_end", self.steps, self._after_backward(chosen, batch, losses, seconds), run_metrics)
+        self._periodic_eval([job for job in chosen if job.eval_due()])
         ended = [job for job in chosen if job.status != RUNNING]
         for job in ended:
             self._finish(job)
@@ -326,23 +329,60 @@ class Engine:
         A failed job keeps its last good adapter (the weights before the step that broke it),
         saved and evaluated like a completed one; its status and error say what happened.
         """
-        eval_after, adapter_dir = None, None
+        after: dict[str, float | None] = {}
+        adapter_dir = None
         if save and job.status in (COMPLETED, FAILED):
-            eval_after = self._evaluate([job]).get(job.name)
+            if job.config.train.early_stop is not None and job.last_eval_step != job.step:
+                self._periodic_eval([job], final=True)  # the last weights may be the best
+            job.use_best()
+            after = self._evaluate([job])[job.name]
             adapter_dir = str(self.out / job.name)
             job.adapter.save(adapter_dir, self.loaded.name_or_path)
-            if eval_after is not None:
-                self._emit("on_step_end", self.steps, {job.name: {"eval_loss": eval_after, "step": job.step}}, {})
+            self._emit_eval({job.name: (job.step, after)})
         job.release()
-        self.results[job.name] = job_entry(job, self.eval_before.get(job.name), eval_after, adapter_dir)
+        self.results[job.name] = job_entry(job, self.eval_before.get(job.name, {}), after, adapter_dir)
         self._emit("on_job_end", job.name, self.results[job.name])
 
-    def _evaluate(self, jobs: list[Job]) -> dict[str, float | None]:
+    def _held_out_losses(self, jobs: list[Job]) -> dict[str, float | None]:
         started = time.perf_counter()
         sets = [(j.name, j.data.eval, j.config.train.micro_batch_size) for j in jobs if j.data.eval]
         losses = held_out_losses(self.loaded, self.router, sets, self.pad_id, self.config.base_model.device)
         self.eval_s += time.perf_counter() - started
         return {j.name: losses.get(j.name) for j in jobs}
+
+    def _evaluate(self, jobs: list[Job]) -> dict[str, dict[str, float | None]]:
+        """Per job: held-out ``eval_loss`` and, for ``exact_match`` data, ``accuracy``."""
+        losses = self._held_out_losses(jobs)
+        started = time.perf_counter()
+        checked = [(j.name, j.data.eval) for j in jobs if j.config.data.exact_match and j.data.eval]
+        accuracy = exact_match_accuracy(self.model, self.router, self.loaded.tokenizer, checked, self.pad_id)
+        self.eval_s += time.perf_counter() - started
+        return {j.name: {"eval_loss": losses[j.name], "accuracy": accuracy.get(j.name)} for j in jobs}
+
+    def _periodic_eval(self, jobs: list[Job], final: bool = False) -> None:
+        """``eval_every``: held-out loss of the current weights, fed to early stopping.
+
+        ``final``: the job has ended; its last weights are compared with the best, not reported.
+        """
+        if not jobs:
+            return
+        losses = self._held_out_losses(jobs)
+        for job in jobs:
+            loss = losses[job.name]
+            if loss is not None:
+                job.record_eval(loss)
+        if not final:
+            self._emit_eval({j.name: (j.step, {"eval_loss": losses[j.name]}) for j in jobs})
+
+    def _emit_eval(self, results: dict[str, tuple[int, dict[str, float | None]]]) -> None:
+        """Report held-out results: job -> (the job's optimizer step, {metric: value or None})."""
+        metrics = {}
+        for name, (step, values) in results.items():
+            found = {("eval_accuracy" if k == "accuracy" else k): v for k, v in values.items() if v is not None}
+            if found:
+                metrics[name] = {**found, "step": step}
+        if metrics:
+            self._emit("on_step_end", self.steps, metrics, {})
 
     def _summary(self, wall_s: float, loop_s: float) -> dict[str, Any]:
         """The run's summary; ``loop_s`` is the training loop's wall time (its evaluations included)."""

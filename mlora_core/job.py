@@ -37,6 +37,11 @@ _COUNTERS = (
     "batch_seconds",
     "final_train_loss",
     "peak_memory_bytes",
+    "best_eval_loss",
+    "best_step",
+    "last_eval_step",
+    "evals_since_best",
+    "stopped_early",
 )
 
 #: group_by_length sorts samples by length within windows of this many batches.
@@ -129,6 +134,12 @@ class Job:
         self.batch_seconds = 0.0  # wall time of the engine steps this batch took part in
         self.final_train_loss: float | None = None
         self.peak_memory_bytes = 0  # highest peak of the engine steps this job took part in
+        self.best_eval_loss: float | None = None  # lowest held-out loss seen, at optimizer step best_step
+        self.best_step: int | None = None
+        self.last_eval_step: int | None = None
+        self.evals_since_best = 0
+        self.stopped_early = False
+        self._best: list[torch.Tensor] | None = None  # early_stop: the weights of best_eval_loss
         self.started = time.perf_counter()
         self.ended: float | None = None
         self.denominator = self._batch_denominator()
@@ -218,6 +229,37 @@ class Job:
             "tokens_seen": self.train_tokens,
         }
 
+    # --- held-out evaluation and early stopping ------------------------------------------
+
+    def eval_due(self) -> bool:
+        """Whether ``eval_every`` asks for a held-out loss now (just after an optimizer step)."""
+        every = self.config.train.eval_every
+        return bool(every and self.status == RUNNING and self.data.eval and self.step % every == 0 and self.pos == 0)
+
+    def record_eval(self, loss: float) -> None:
+        """Note the held-out loss of the current weights; with ``early_stop``, keep the best
+        weights and end the job once ``patience`` evaluations in a row did not improve."""
+        stop = self.config.train.early_stop
+        self.last_eval_step = self.step
+        margin = stop.min_delta if stop is not None else 0.0
+        if self.best_eval_loss is None or loss < self.best_eval_loss - margin:
+            self.best_eval_loss, self.best_step, self.evals_since_best = loss, self.step, 0
+            if stop is not None:
+                self._best = [p.detach().clone() for p in self.params]
+            return
+        self.evals_since_best += 1
+        if stop is not None and self.evals_since_best >= stop.patience and self.status == RUNNING:
+            self.status, self.stopped_early = COMPLETED, True
+
+    def use_best(self) -> bool:
+        """Put the best weights (``early_stop``) back into the adapter; returns whether it had any."""
+        if self._best is None:
+            return False
+        with torch.no_grad():
+            for param, best in zip(self.params, self._best, strict=True):
+                param.copy_(best)
+        return True
+
     def fail(self, reason: str, revert: bool = False) -> None:
         """Mark the job failed; ``revert``: its latest optimizer step made the weights unusable,
         so go back to the weights before it (the last ones that gave a finite loss)."""
@@ -241,6 +283,8 @@ class Job:
             tensors[f"last_good.{i}"] = self._last_good[i].cpu()
             if param.grad is not None:
                 tensors[f"grad.{i}"] = param.grad.detach().cpu().clone()
+            if self._best is not None:
+                tensors[f"best.{i}"] = self._best[i].cpu()
         optimizer = self.optimizer.state_dict()
         for i, slots in optimizer["state"].items():
             for key, value in slots.items():
@@ -266,6 +310,8 @@ class Job:
                 self._last_good[i] = tensors[f"last_good.{i}"].to(param.device)
                 grad = tensors.get(f"grad.{i}")
                 param.grad = None if grad is None else grad.to(param.device)
+        if "best.0" in tensors:
+            self._best = [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(self.params)]
         slots: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
@@ -283,6 +329,7 @@ class Job:
         self.lr_schedule = None  # type: ignore[assignment]
         self.adapter.detach()
         self.params = []
+        self._best = None
         self.ended = self.ended or time.perf_counter()
 
     @property

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from mlora_core.base_model import load_base_model
-from mlora_core.config import MloraConfig, validate_config
+from mlora_core.config import MloraConfig
+from mlora_core.validation import validate_config
 from mlora_core.memory import MemoryModel, device_memory_limit, reset_step_peak, step_peak
 from mlora_core.routing import RowRouter, Segment
 

@@ -30,6 +30,18 @@ def alpaca_records(n: int, seed: int, kind: str = "reverse") -> list[dict[str, s
     return records
 
 
+def yes_no_records(n: int) -> list[dict[str, str]]:
+    """Alpaca records whose answers alternate between "no" and "yes": short, exactly checkable."""
+    return [
+        {"instruction": "Answer.", "input": r["input"], "output": "yes" if i % 2 else "no"}
+        for i, r in enumerate(alpaca_records(n, 1))
+    ]
+
+
+#: Every projection of the LLaMA backend.
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -71,6 +83,13 @@ def build_tiny_llama(out: Path, **overrides: Any) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def confident_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA with larger initial weights: with the default 0.02 its frozen LM head
+    cannot make any token much likelier than another, so no answer is ever greedy-right."""
+    return build_tiny_llama(tmp_path_factory.mktemp("confident-llama"), initializer_range=0.5)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ import yaml
 from conftest import alpaca_records, job
 from mlora_chatglm.backend import ChatGLMBackend
 from mlora_chatglm.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, chatglm2_prompt, load_tokenizer
-from mlora_core.config import BaseModelConfig, load_config, validate_config
+from mlora_core.config import BaseModelConfig, load_config
+from mlora_core.validation import validate_config
 from mlora_core.errors import ConfigError, MloraError
 from mlora_core.hookspecs import hookimpl
 from mlora_core.plugins import create_plugin_manager

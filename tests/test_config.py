@@ -9,7 +9,8 @@ import yaml
 
 from conftest import job
 from mlora_core.cli import main
-from mlora_core.config import load_config, validate_config
+from mlora_core.config import load_config
+from mlora_core.validation import validate_config
 from mlora_core.errors import ConfigError
 
 

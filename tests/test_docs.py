@@ -55,8 +55,11 @@ def job_entry_fields() -> list[str]:
         final_train_loss=1.0,
         latency_s=0.5,
         peak_memory_bytes=1,
+        best_eval_loss=None,
+        best_step=None,
+        stopped_early=False,
     )
-    return list(job_entry(stand_in, 2.0, 1.0, "out/j"))
+    return list(job_entry(stand_in, {"eval_loss": 2.0}, {"eval_loss": 1.0}, "out/j"))
 
 
 def test_discovery_finds_things() -> None:

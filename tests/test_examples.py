@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mlora_core.config import load_config, validate_config
+from mlora_core.config import load_config
+
+from mlora_core.validation import validate_config
 from mlora_core.plugins import create_plugin_manager
 
 ROOT = Path(__file__).parent.parent

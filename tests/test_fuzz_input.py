@@ -9,7 +9,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlora_core.config import load_config, validate_config
+from mlora_core.config import load_config
+
+from mlora_core.validation import validate_config
 from mlora_core.errors import ConfigError, DataError, MloraError
 from mlora_core.plugins import create_plugin_manager
 from mlora_data.alpaca import read_records

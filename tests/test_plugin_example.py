@@ -23,7 +23,8 @@ EXAMPLE_DIR = Path(__file__).parent.parent / "examples" / "mlora-plugin-example"
 sys.path.insert(0, str(EXAMPLE_DIR))
 
 from conftest import job, write_jsonl  # noqa: E402
-from mlora_core.config import AdapterConfig, DataConfig, SchedulerConfig, load_config, validate_config  # noqa: E402
+from mlora_core.config import AdapterConfig, DataConfig, SchedulerConfig, load_config  # noqa: E402
+from mlora_core.validation import validate_config  # noqa: E402
 from mlora_core.engine import run  # noqa: E402
 from mlora_core.errors import ConfigError  # noqa: E402
 from mlora_core.plugins import create_plugin_manager  # noqa: E402

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import pytest
 
 from conftest import job
-from mlora_core.config import load_config, validate_config
+from mlora_core.config import load_config
+from mlora_core.validation import validate_config
 from mlora_core.engine import run
 from mlora_core.errors import ConfigError, PluginError, UnknownComponentError
 from mlora_core.hookspecs import hookimpl

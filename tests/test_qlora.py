@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_llama, job
 from mlora_core.base_model import load_base_model
-from mlora_core.config import AdapterConfig, BaseModelConfig, load_config, validate_config
+from mlora_core.config import AdapterConfig, BaseModelConfig, load_config
+from mlora_core.validation import validate_config
 from mlora_core.engine import Engine
 from mlora_core.errors import ConfigError
 from mlora_core.routing import RowRouter

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from mlora_core.summary import fmt_number, fmt_percent
+
 REDRAW_EVERY_S = 0.5
 
 
@@ -68,8 +70,10 @@ class ConsoleMonitor:
                         f"[{job}] step {line.step}/{line.total}  loss {m['loss']:.4f}  "
                         f"lr {m['lr']:.2e}  tok/s {m['tokens_per_s']:.0f}"
                     )
-            elif "eval_loss" in m and not self.live:
-                self._print(f"[{job}] held-out loss {m['eval_loss']:.4f} at step {int(m['step'])}")
+            elif ("eval_loss" in m or "eval_accuracy" in m) and not self.live:
+                found = [f"loss {m['eval_loss']:.4f}"] if "eval_loss" in m else []
+                found += [f"accuracy {m['eval_accuracy']:.1%}"] if "eval_accuracy" in m else []
+                self._print(f"[{job}] held-out {', '.join(found)} at step {int(m['step'])}")
         if self.live:
             self._redraw()
 
@@ -101,15 +105,17 @@ def format_table(summary: Mapping[str, Any]) -> str:
     """The end-of-run table: one row per job, then the run's totals."""
     header = (
         f"{'job':<16} {'status':<11} {'steps':>5} {'tokens':>8} {'latency_s':>9} {'tok/s':>7} "
-        f"{'train_loss':>10} {'eval_before':>11} {'eval_after':>10} {'peak_GiB':>8}"
+        f"{'train_loss':>10} {'eval_before':>11} {'eval_after':>10} {'acc_before':>10} {'acc_after':>9} "
+        f"{'peak_GiB':>8}"
     )
     rows = [header, "-" * len(header)]
     for job in summary["jobs"]:
         speed = job["train_tokens"] / job["latency_s"] if job["latency_s"] else 0.0
         rows.append(
             f"{job['name']:<16} {job['status']:<11} {job['steps']:>5} {job['train_tokens']:>8} "
-            f"{job['latency_s']:>9.1f} {speed:>7.0f} {_num(job['final_train_loss']):>10} "
-            f"{_num(job['eval_loss_before']):>11} {_num(job['eval_loss_after']):>10} "
+            f"{job['latency_s']:>9.1f} {speed:>7.0f} {fmt_number(job['final_train_loss']):>10} "
+            f"{fmt_number(job['eval_loss_before']):>11} {fmt_number(job['eval_loss_after']):>10} "
+            f"{fmt_percent(job.get('accuracy_before')):>10} {fmt_percent(job.get('accuracy_after')):>9} "
             f"{job.get('peak_memory_bytes', 0) / 2**30:>8.2f}"
         )
     totals = (
@@ -118,10 +124,6 @@ def format_table(summary: Mapping[str, Any]) -> str:
     )
     rows.append(f"{totals}; summary: {summary['output_dir']}/summary.json")
     return "\n".join(rows)
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:

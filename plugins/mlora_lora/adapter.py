@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mlora_core.config import AdapterConfig
@@ -126,6 +129,48 @@ class LoraAdapterType:
             raise MloraError(f"adapter {name!r}: no linear layer named {sorted(wanted)} in the model")
         return self.make_adapter(name, config, layers)
 
+    def load(self, model: nn.Module, name: str, directory: str, router: RowRouter) -> LoraAdapter:
+        """Attach adapter ``name`` from a PEFT LoRA directory (saved by mlora or by PEFT itself).
+
+        The layers adapted are exactly those the weights name; ``r`` and ``lora_alpha`` come from
+        ``adapter_config.json`` (rsLoRA's ``alpha / sqrt(r)`` scaling is kept), dropout is 0.
+        Settings LoRA here cannot reproduce (DoRA, biases, ``modules_to_save``, per-layer ranks,
+        ...) and weights that do not fit ``model`` raise :class:`MloraError`.
+        """
+        where = Path(directory)
+        raw = _read_peft_config(where)
+        state = _read_peft_weights(where)
+        r, alpha = int(raw["r"]), float(raw["lora_alpha"])
+        if raw.get("use_rslora"):
+            alpha *= math.sqrt(r)  # scaling alpha / sqrt(r) instead of alpha / r
+        paths = sorted({key[len(PEFT_PREFIX) :].rsplit(".", 2)[0] for key in state})
+        targets = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        config = AdapterConfig(type="lora", r=r, alpha=alpha, dropout=0.0, target_modules=targets)
+        layers: dict[str, LoraLinear] = {}
+        try:
+            for path in paths:
+                layer = self._loadable_layer(model, path, router, where)
+                self.add_to_layer(layer, name, config)
+                layers[path] = layer
+            adapter = self.make_adapter(name, config, layers)
+            _check_shapes(adapter, state, where)
+            adapter.load_state_dict(state)
+        except BaseException:
+            for layer in layers.values():
+                layer.remove_adapter(name)
+            raise
+        return adapter
+
+    def _loadable_layer(self, model: nn.Module, path: str, router: RowRouter, where: Path) -> LoraLinear:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise MloraError(f"{where}: the adapter adapts {path}, which the base model lacks (other base?)") from None
+        layer = self.layer_at(model, path, module, router)
+        if layer is None:
+            raise MloraError(f"{where}: the adapter adapts {path}, which is not a linear layer in the base model")
+        return layer
+
     # Extension points for adapter types built on LoRA (the example DoRA plugin uses them).
 
     def layer_at(self, model: nn.Module, path: str, module: nn.Module, router: RowRouter) -> LoraLinear | None:
@@ -137,6 +182,79 @@ class LoraAdapterType:
 
     def make_adapter(self, name: str, config: AdapterConfig, layers: dict[str, LoraLinear]) -> LoraAdapter:
         return LoraAdapter(name, config, layers)
+
+
+#: PEFT LoRA settings this type cannot reproduce, with the value that means "off".
+_UNSUPPORTED: dict[str, Any] = {
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "lora_bias": False,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "target_parameters": None,
+}
+#: ``base_model.model.<path>.lora_A.weight``, optionally with an adapter-name infix (``lora_A.default.weight``).
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<ab>lora_[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _read_peft_config(where: Path) -> dict[str, Any]:
+    """adapter_config.json as a mapping; raises MloraError for what LoRA here cannot load."""
+    try:
+        raw = json.loads((where / "adapter_config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MloraError(f"{where}: no adapter_config.json (expected a PEFT adapter directory)") from None
+    except (OSError, ValueError) as exc:
+        raise MloraError(f"{where}/adapter_config.json: not readable JSON: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        raise MloraError(f"{where}/adapter_config.json: not a LoRA adapter (peft_type must be 'LORA')")
+    problems = [f"{key}={raw[key]!r}" for key, off in _UNSUPPORTED.items() if raw.get(key) not in (off, None)]
+    if raw.get("bias", "none") != "none":
+        problems.append(f"bias={raw['bias']!r}")
+    if problems:
+        raise MloraError(f"{where}: unsupported PEFT LoRA settings: {', '.join(problems)}")
+    if not isinstance(raw.get("r"), int) or raw["r"] < 1 or not isinstance(raw.get("lora_alpha"), (int, float)):
+        raise MloraError(f"{where}/adapter_config.json: needs an integer r >= 1 and a number lora_alpha")
+    return raw
+
+
+def _read_peft_weights(where: Path) -> dict[str, torch.Tensor]:
+    """The adapter's weights under mlora's keys (``base_model.model.<path>.lora_A.weight``)."""
+    if (where / "adapter_model.safetensors").is_file():
+        raw = load_file(str(where / "adapter_model.safetensors"))
+    elif (where / "adapter_model.bin").is_file():
+        raw = torch.load(where / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise MloraError(f"{where}: no adapter_model.safetensors or adapter_model.bin")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            raise MloraError(f"{where}: unsupported weight {key!r} (only LoRA A/B matrices of linear layers load)")
+        name = f"{PEFT_PREFIX}{match['path']}.{match['ab']}.weight"
+        if name in state:
+            raise MloraError(f"{where}: the weights hold more than one adapter ({key!r} again)")
+        state[name] = value
+    if not state:
+        raise MloraError(f"{where}: the weights file holds no LoRA weights")
+    return state
+
+
+def _check_shapes(adapter: LoraAdapter, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Raise MloraError naming the first weight whose shape does not fit the base model."""
+    for key, expected in adapter.state_dict().items():
+        got = state.get(key)
+        if got is None:
+            raise MloraError(f"{where}: {key} is missing (each adapted layer needs lora_A and lora_B)")
+        if tuple(got.shape) != tuple(expected.shape):
+            raise MloraError(
+                f"{where}: {key} has shape {tuple(got.shape)}, the base model needs {tuple(expected.shape)} "
+                "(an adapter trained for another base model, or r in adapter_config.json is wrong)"
+            )
 
 
 def _wrap(model: nn.Module, path: str, module: nn.Module, router: RowRouter) -> LoraLinear | None:

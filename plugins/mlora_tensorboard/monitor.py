@@ -19,6 +19,7 @@ SCALARS = {
     "grad_norm": "grad_norm",
     "tokens_per_s": "tokens_per_s",
     "eval_loss": "eval_loss",
+    "eval_accuracy": "eval_accuracy",
     "tokens_seen": "tokens_seen",
 }
 
