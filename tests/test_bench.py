@@ -16,14 +16,17 @@ def test_bench_tiny(tiny_llama_dir: Path, tmp_path: Path) -> None:
     argv += ["--micro-batch-size", "2", "--dtype", "fp32", "--memory-cap-gib", "8"]
     assert main([*argv, "--out", str(out), "--markdown", str(table)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["methods"]) == {"baseline_seq", "baseline_parallel", "mlora", "floor"}
+    assert set(result["methods"]) == {"baseline_seq", "baseline_parallel", "mlora", "mlora_one", "floor"}
     for name, row in result["methods"].items():
         for field in FIELDS:
             stat = row[field]
             assert stat["min"] <= stat["median"] <= stat["max"], (name, field)
         assert row["real_tokens"] > 0 and row["padded_tokens"] >= row["real_tokens"]
-    # the same rows are trained by every method
-    assert len({row["real_tokens"] for row in result["methods"].values()}) == 1
+    # the same rows are trained by every method but mlora_one, which trains the first job's
+    rows = {name: row["real_tokens"] for name, row in result["methods"].items()}
+    one = rows.pop("mlora_one")
+    assert len(set(rows.values())) == 1 and 0 < one < rows["mlora"]
+    assert all(row["load_peak_bytes"]["median"] > 0 for row in result["methods"].values())
     m = result["methods"]["mlora"]
     for other in ("baseline_seq", "baseline_parallel", "floor"):
         ratio = result["ratios"][f"mlora/{other}"]
