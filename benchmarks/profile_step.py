@@ -5,7 +5,8 @@ of each row learned, as in alpaca data) two ways, interleaved over ``--rounds`` 
 in a fresh process (so one variant's freed memory does not count in the other's peak):
 
 - ``full``: logits for every position (what mlora did before, and what PEFT + transformers do);
-- ``learned``: logits only at the learned positions (what mlora does now).
+- ``learned``: logits only at the learned positions (what mlora does now);
+- ``checkpointed``: ``learned`` with ``base_model.activation_checkpointing``.
 
 For each it reports the step's wall time, the process's peak RSS during the step and how far
 the step raised RSS above where it started (after a warm-up step and ``malloc_trim``; medians),
@@ -27,7 +28,7 @@ import time
 import torch
 
 
-VARIANTS = ("full", "learned")
+VARIANTS = ("full", "learned", "checkpointed")
 
 
 def main() -> None:
@@ -102,6 +103,12 @@ def _measure(args: argparse.Namespace) -> None:
         parts.append((f"job{i}", rows))
     batch = build_batch(parts, pad_id=0)
     variants = {"full": dataclasses.replace(loaded, hidden_states=None, lm_head=None), "learned": loaded}
+    variants["checkpointed"] = loaded
+    if args.variant == "checkpointed":  # learned, plus activation checkpointing of every block
+        from mlora_core.checkpointing import checkpoint_blocks
+
+        assert loaded.blocks is not None
+        checkpoint_blocks(loaded.blocks, router)
 
     def step(which: str) -> None:
         with router.route(batch.segments):

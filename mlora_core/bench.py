@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="base dtype (default bf16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--threads", type=int, help="torch threads per method (default: all cores; parallel: split)")
+    p.add_argument(
+        "--activation-checkpointing", action="store_true", help="mlora methods: base_model.activation_checkpointing"
+    )
     p.add_argument("--memory-cap-gib", type=float, help="also report the most concurrent jobs each method fits")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     p.add_argument("--markdown", type=Path, help="write the Markdown table here (it is always printed)")
@@ -212,7 +215,13 @@ class Bench:
             for i, d in enumerate(data)
         ]
         config = {
-            "base_model": {"backend": "llama", "path": self.model, "dtype": self.a.dtype, "device": self.a.device},
+            "base_model": {
+                "backend": "llama",
+                "path": self.model,
+                "dtype": self.a.dtype,
+                "device": self.a.device,
+                "activation_checkpointing": self.a.activation_checkpointing,
+            },
             "scheduler": {"type": "trivial"},
             "monitor": {"console": None},
             "output_dir": str(self.work / f"out{self.counter}-{name}"),

@@ -35,6 +35,9 @@ class BaseModelConfig:
     #: dtype the quantized layers compute in (null: ``dtype``).
     compute_dtype: Optional[str] = None
     device: str = "cpu"
+    #: Recompute each transformer block's activations in the backward pass: much less memory
+    #: per row, about a third more compute (see docs/benchmarks.md).
+    activation_checkpointing: bool = False
 
 
 @dataclass

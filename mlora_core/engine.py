@@ -20,6 +20,7 @@ from mlora_core.validation import validate_config
 from mlora_core.errors import Interrupted, MloraError
 from mlora_core.accuracy import exact_match_accuracy
 from mlora_core.evaluate import held_out_losses
+from mlora_core.checkpointing import checkpoint_blocks
 from mlora_core.checkpoint import CHECKPOINTS, latest_checkpoint, load_engine_state, load_job_state, save_checkpoint
 from mlora_core.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
 from mlora_core.loss import learned_logits, per_job_loss_sums
@@ -71,6 +72,13 @@ class Engine:
         self.loaded: LoadedModel = load_base_model(self.host, self.config.base_model)
         self.model = self.loaded.model
         self.model.train()
+        if self.config.base_model.activation_checkpointing:
+            if not self.loaded.blocks:
+                raise MloraError(
+                    f"base_model.activation_checkpointing: backend {self.config.base_model.backend!r} "
+                    "does not name its transformer blocks (LoadedModel.blocks)"
+                )
+            checkpoint_blocks(self.loaded.blocks, self.router)
         tokenizer = self.loaded.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.jobs = [self._make_job(i, jc) for i, jc in enumerate(self.config.jobs)]

@@ -36,6 +36,9 @@ class LoadedModel:
     #: logits only at the positions whose next token is learned (see mlora_core.loss).
     hidden_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     lm_head: nn.Module | None = None
+    #: Optional: the transformer blocks, in order; ``base_model.activation_checkpointing``
+    #: recomputes each block's activations in the backward pass (see mlora_core.checkpointing).
+    blocks: Sequence[nn.Module] | None = None
 
 
 class ModelBackend(Protocol):

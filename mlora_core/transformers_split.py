@@ -7,7 +7,7 @@ families mlora loads apply nothing between the two (no logit scaling or soft-cap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,3 +24,8 @@ def split_causal_lm(model: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], 
         return out.last_hidden_state  # type: ignore[no-any-return]
 
     return hidden_states, head
+
+
+def decoder_blocks(model: Any) -> Sequence[nn.Module]:
+    """The decoder's transformer blocks (``model.get_decoder().layers``), in order."""
+    return list(model.get_decoder().layers)

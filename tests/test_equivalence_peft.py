@@ -62,8 +62,12 @@ def reference_train(
     return train_alone_with_peft(reference_base(model_dir, quantize), jc, init_state, samples, pad_id)
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4", "fp4", "int8"])
-def test_concurrent_training_matches_peft_alone(make_config, data_dir, tiny_llama_dir, host, quantize):
+@pytest.mark.parametrize(
+    ("quantize", "checkpointing"),
+    [(None, False), ("nf4", False), ("fp4", False), ("int8", False), (None, True), ("nf4", True)],
+)
+def test_concurrent_training_matches_peft_alone(make_config, data_dir, tiny_llama_dir, host, quantize, checkpointing):
+    """Also with activation checkpointing: the recomputed blocks must route the same rows."""
     jobs = [
         job(
             "a",
@@ -106,7 +110,8 @@ def test_concurrent_training_matches_peft_alone(make_config, data_dir, tiny_llam
         j["train"].update(shuffle=False, weight_decay=0.01, max_grad_norm=1.0)
         if quantize:
             j["adapter"]["type"] = "qlora"
-    config = load_config(make_config(jobs), [f"base_model.quantize={quantize or 'null'}"])
+    overrides = [f"base_model.quantize={quantize or 'null'}", f"base_model.activation_checkpointing={checkpointing}"]
+    config = load_config(make_config(jobs), overrides)
     engine = Engine(config, host)
     engine.setup()
     init = {j.name: j.adapter.state_dict() for j in engine.jobs}

@@ -63,6 +63,7 @@ class ChatGLMBackend:
             info={"dtype": config.dtype, "source": str(path), "architecture": "chatglm2/3"},
             hidden_states=model.transformer.hidden_states,
             lm_head=model.transformer.output_layer,
+            blocks=list(model.transformer.encoder.layers),
         )
 
 

@@ -14,7 +14,7 @@ from mlora_chatglm.config import read_config_json
 from mlora_core.config import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
 from mlora_core.protocols import LoadedModel
-from mlora_core.transformers_split import split_causal_lm
+from mlora_core.transformers_split import decoder_blocks, split_causal_lm
 
 #: model_type -> the transformers class that loads it.
 GLM_CLASSES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
@@ -55,6 +55,7 @@ class GlmBackend:
             info={"dtype": config.dtype, "source": str(path), "architecture": raw["model_type"]},
             hidden_states=hidden_states,
             lm_head=lm_head,
+            blocks=decoder_blocks(model),
         )
 
 

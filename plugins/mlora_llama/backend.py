@@ -10,7 +10,7 @@ from mlora_core.config import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
 from mlora_core.paths import resolve_model_path
 from mlora_core.protocols import LoadedModel
-from mlora_core.transformers_split import split_causal_lm
+from mlora_core.transformers_split import decoder_blocks, split_causal_lm
 
 
 class LlamaBackend:
@@ -66,6 +66,7 @@ class LlamaBackend:
             info={"dtype": config.dtype, "source": str(path)},
             hidden_states=hidden_states,
             lm_head=lm_head,
+            blocks=decoder_blocks(model),
         )
 
 
