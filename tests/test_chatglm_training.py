@@ -54,7 +54,9 @@ def peft_reference(model_dir: Path, jc: Any, init_state: dict, samples: list, pa
     return train_alone_with_peft(base, jc, init_state, samples, pad_id, _chatglm_loss)
 
 
-def test_concurrent_training_matches_peft_alone(host, tmp_path, data_dir, chatglm_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_concurrent_training_matches_peft_alone(host, tmp_path, data_dir, chatglm_dir, checkpointing):
+    """Also with activation checkpointing of the native model's blocks."""
     jobs = [
         job("qkv", data_dir / "a.jsonl", batch_size=6, micro_batch_size=2, lr=2e-3, warmup_steps=2, max_steps=4,
             adapter=lora(4, 8, "query_key_value")),
@@ -65,7 +67,8 @@ def test_concurrent_training_matches_peft_alone(host, tmp_path, data_dir, chatgl
     ]  # fmt: skip
     for j in jobs:
         j["train"].update(shuffle=False, weight_decay=0.01, max_grad_norm=1.0)
-    config = load_config(write_config(tmp_path, {"path": str(chatglm_dir)}, jobs))  # backend detected
+    base = {"path": str(chatglm_dir), "activation_checkpointing": checkpointing}
+    config = load_config(write_config(tmp_path, base, jobs))  # backend detected
     engine = Engine(config, host)
     assert config.base_model.backend == "chatglm"
     engine.setup()
