@@ -18,8 +18,7 @@ from mlora_core.batch import MultiJobBatch, build_batch
 from mlora_core.config import JobConfig, MloraConfig, to_dict
 from mlora_core.validation import validate_config
 from mlora_core.errors import Interrupted, MloraError
-from mlora_core.accuracy import exact_match_accuracy
-from mlora_core.evaluate import held_out_losses
+from mlora_core.evaluate import held_out_losses, held_out_metrics
 from mlora_core.checkpointing import checkpoint_blocks
 from mlora_core.checkpoint import CHECKPOINTS, latest_checkpoint, load_engine_state, load_job_state, save_checkpoint
 from mlora_core.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
@@ -360,12 +359,11 @@ class Engine:
 
     def _evaluate(self, jobs: list[Job]) -> dict[str, dict[str, float | None]]:
         """Per job: held-out ``eval_loss`` and, for ``exact_match`` data, ``accuracy``."""
-        losses = self._held_out_losses(jobs)
         started = time.perf_counter()
-        checked = [(j.name, j.data.eval) for j in jobs if j.config.data.exact_match and j.data.eval]
-        accuracy = exact_match_accuracy(self.model, self.router, self.loaded.tokenizer, checked, self.pad_id)
+        sets = [(j.name, j.data.eval, j.config.train.micro_batch_size, j.config.data.exact_match) for j in jobs]
+        metrics = held_out_metrics(self.loaded, self.router, sets, self.pad_id, self.config.base_model.device)
         self.eval_s += time.perf_counter() - started
-        return {j.name: {"eval_loss": losses[j.name], "accuracy": accuracy.get(j.name)} for j in jobs}
+        return metrics
 
     def _periodic_eval(self, jobs: list[Job], final: bool = False) -> None:
         """``eval_every``: held-out loss of the current weights, fed to early stopping.

@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlora_core.accuracy import exact_match_accuracy
 from mlora_core.adapter_io import load_adapter
 from mlora_core.base_model import load_base_model
 from mlora_core.config import MloraConfig
 from mlora_core.errors import MloraError
-from mlora_core.evaluate import held_out_losses
+from mlora_core.evaluate import held_out_metrics
 from mlora_core.protocols import LoadedModel, Sample
 from mlora_core.routing import RowRouter
 from mlora_core.summary import fmt_number, fmt_percent, write_json_atomic
@@ -73,13 +72,9 @@ def _measure(
     config: MloraConfig, loaded: LoadedModel, router: RowRouter, held_out: HeldOut, names: list[str]
 ) -> dict[str, dict[str, float | None]]:
     by_name = {j.name: j for j in config.jobs}
-    tokenizer = loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sets = [(n, held_out[n], by_name[n].train.micro_batch_size) for n in names if held_out[n]]
-    losses = held_out_losses(loaded, router, sets, pad_id, config.base_model.device)
-    checked = [(n, held_out[n]) for n in names if by_name[n].data.exact_match and held_out[n]]
-    accuracy = exact_match_accuracy(loaded.model, router, tokenizer, checked, pad_id)
-    return {n: {"eval_loss": losses.get(n), "accuracy": accuracy.get(n)} for n in names}
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    sets = [(n, held_out[n], by_name[n].train.micro_batch_size, by_name[n].data.exact_match) for n in names]
+    return held_out_metrics(loaded, router, sets, pad_id, config.base_model.device)
 
 
 def _write(config: MloraConfig, out: Path, result: dict[str, Any]) -> None:

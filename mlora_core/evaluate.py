@@ -1,4 +1,4 @@
-"""Held-out loss of several jobs at once, through the same multi-job batches as training."""
+"""Held-out loss (and exact-match accuracy) of several jobs at once, through multi-job batches."""
 
 from __future__ import annotations
 
@@ -7,12 +7,26 @@ from itertools import groupby
 
 import torch
 
+from mlora_core.accuracy import exact_match_accuracy
 from mlora_core.batch import build_batch
 from mlora_core.loss import learned_logits, per_job_loss_sums
 from mlora_core.protocols import LoadedModel, Sample
 from mlora_core.routing import RowRouter
 
 Parts = list[tuple[str, list[Sample]]]
+#: (adapter name, held-out samples, rows per batch, whether to measure exact-match accuracy)
+HeldOutSet = tuple[str, Sequence[Sample], int, bool]
+
+
+def held_out_metrics(
+    loaded: LoadedModel, router: RowRouter, sets: Sequence[HeldOutSet], pad_id: int, device: str
+) -> dict[str, dict[str, float | None]]:
+    """Per adapter: ``eval_loss`` and ``accuracy`` (None when there is nothing to measure or
+    accuracy was not asked for), all adapters in shared batches."""
+    losses = held_out_losses(loaded, router, [(n, s, rows) for n, s, rows, _ in sets if s], pad_id, device)
+    checked = [(n, s) for n, s, _, exact in sets if exact and s]
+    accuracy = exact_match_accuracy(loaded.model, router, loaded.tokenizer, checked, pad_id)
+    return {n: {"eval_loss": losses.get(n), "accuracy": accuracy.get(n)} for n, *_ in sets}
 
 
 def held_out_losses(

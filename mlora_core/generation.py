@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mlora_core.errors import MloraError
+from mlora_core.quantization import disable_cpu_repacking
 from mlora_core.routing import RowRouter, Segment
 
 FinishReason = Literal["eos", "length"]
@@ -103,7 +104,7 @@ def generate(
         problems.append("batch_size must be at least 1")
     if problems:
         raise MloraError("cannot generate: " + "; ".join(problems))
-    _no_cpu_repacking(model)
+    disable_cpu_repacking(model)
     results: dict[int, GenerationResult] = {}
     eos = set(eos_token_ids)
     was_training = model.training
@@ -270,15 +271,3 @@ def _device_of(model: nn.Module) -> torch.device:
         if isinstance(weight, torch.Tensor):
             return weight.device
     return next(model.parameters()).device
-
-
-def _no_cpu_repacking(model: nn.Module) -> None:
-    """Switch off bitsandbytes' CPU repacking of 4-bit weights (the trap in FACTS.md).
-
-    An eval-mode, no-grad forward is exactly what triggers it, and after it training through
-    the layer gets no gradients. ``load_base_model`` already switches it off; this also covers
-    models quantized elsewhere (transformers' ``BitsAndBytesConfig``).
-    """
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - not a declared attribute

@@ -251,14 +251,13 @@ class Job:
         if stop is not None and self.evals_since_best >= stop.patience and self.status == RUNNING:
             self.status, self.stopped_early = COMPLETED, True
 
-    def use_best(self) -> bool:
-        """Put the best weights (``early_stop``) back into the adapter; returns whether it had any."""
+    def use_best(self) -> None:
+        """Put the best weights (``early_stop``) back into the adapter, if it kept any."""
         if self._best is None:
-            return False
+            return
         with torch.no_grad():
             for param, best in zip(self.params, self._best, strict=True):
                 param.copy_(best)
-        return True
 
     def fail(self, reason: str, revert: bool = False) -> None:
         """Mark the job failed; ``revert``: its latest optimizer step made the weights unusable,

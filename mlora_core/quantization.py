@@ -115,6 +115,18 @@ def _quantized(
     return cast(nn.Module, layer)
 
 
+def disable_cpu_repacking(model: nn.Module) -> None:
+    """Switch off bitsandbytes' CPU repacking of 4-bit weights (the trap in FACTS.md).
+
+    For models quantized elsewhere (transformers' ``BitsAndBytesConfig``): every layer that
+    :func:`quantize_linears` makes has it off already. Generation calls this before its
+    eval-mode, no-grad forwards, exactly what would trigger the repacking.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - not a declared attribute
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes the model's weights occupy: parameters, buffers and 4-bit quantization state."""
     seen: set[int] = set()
