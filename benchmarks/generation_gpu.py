@@ -1,4 +1,4 @@
-"""CUDA check of mlora_core.generation: tokens equal PEFT's on the GPU; timing mixed vs one at a time."""
+"""CUDA check of mlora_core.generation.decode: tokens equal PEFT's on the GPU; timing mixed vs one at a time."""
 
 import json
 import statistics
@@ -14,8 +14,8 @@ from conftest import build_tiny_llama  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from mlora_core.generation import GenerationRequest, GenerationSettings, generate  # noqa: E402
-from mlora_core.routing import RowRouter  # noqa: E402
+from mlora_core.generation.decode import GenerationRequest, GenerationSettings, generate  # noqa: E402
+from mlora_core.plugin_api.routing import RowRouter  # noqa: E402
 from mlora_lora.adapter import LoraAdapterType  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,7 +77,7 @@ cfg = LlamaConfig(
 model = LlamaForCausalLM(cfg).to(torch.bfloat16).to(dev).requires_grad_(False)
 router = RowRouter()
 lt = LoraAdapterType()
-from mlora_core.config import AdapterConfig  # noqa: E402
+from mlora_core.config.schema import AdapterConfig  # noqa: E402
 
 for i in range(32):
     ad = lt.attach(model, f"x{i}", AdapterConfig(r=8, alpha=16, dropout=0.0), router)

@@ -23,9 +23,9 @@ sys.path[:0] = ["tests"]
 from conftest import ALL_PROJECTIONS, alpaca_records, build_tiny_llama, job, write_jsonl, yes_no_records  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from mlora_core.config import load_config  # noqa: E402
-from mlora_core.engine import run  # noqa: E402
-from mlora_core.plugins import create_plugin_manager  # noqa: E402
+from mlora_core.config.schema import load_config  # noqa: E402
+from mlora_core.plugin_api.host import create_plugin_manager  # noqa: E402
+from mlora_core.training.engine import run  # noqa: E402
 
 
 def config(root: Path, model: Path, jobs: list[dict], name: str, device: str) -> Path:

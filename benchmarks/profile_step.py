@@ -27,7 +27,6 @@ import time
 
 import torch
 
-
 VARIANTS = ("full", "learned", "checkpointed")
 
 
@@ -74,14 +73,14 @@ def _child(argv: list[str]) -> str:
 def _measure(args: argparse.Namespace) -> None:
     """One variant in this process: a warm-up step, then one measured step (or a profile)."""
     torch.set_num_threads(args.threads)
-    from mlora_core.base_model import load_base_model
-    from mlora_core.batch import build_batch
-    from mlora_core.config import AdapterConfig, BaseModelConfig
-    from mlora_core.loss import learned_logits, per_job_loss_sums
-    from mlora_core.memory import reset_step_peak, step_peak
-    from mlora_core.plugins import create_plugin_manager
-    from mlora_core.protocols import Sample
-    from mlora_core.routing import RowRouter
+    from mlora_core.config.schema import AdapterConfig, BaseModelConfig
+    from mlora_core.models.loading import load_base_model
+    from mlora_core.plugin_api.host import create_plugin_manager
+    from mlora_core.plugin_api.protocols import Sample
+    from mlora_core.plugin_api.routing import RowRouter
+    from mlora_core.training.batch import build_batch
+    from mlora_core.training.loss import learned_logits, per_job_loss_sums
+    from mlora_core.training.memory import reset_step_peak, step_peak
 
     host = create_plugin_manager(autoload=False)
     loaded = load_base_model(host, BaseModelConfig(backend="llama", path=args.model, dtype="bf16"))
@@ -105,7 +104,7 @@ def _measure(args: argparse.Namespace) -> None:
     variants = {"full": dataclasses.replace(loaded, hidden_states=None, lm_head=None), "learned": loaded}
     variants["checkpointed"] = loaded
     if args.variant == "checkpointed":  # learned, plus activation checkpointing of every block
-        from mlora_core.checkpointing import checkpoint_blocks
+        from mlora_core.models.recompute import checkpoint_blocks
 
         assert loaded.blocks is not None
         checkpoint_blocks(loaded.blocks, router)
@@ -148,7 +147,7 @@ def _release_free_memory() -> None:
 
 
 def _rss() -> int:
-    from mlora_core.memory import current_rss
+    from mlora_core.training.memory import current_rss
 
     return current_rss()
 

@@ -35,7 +35,7 @@ def random_llama(config_json: str, out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from mlora_core.paths import resolve_model_path
+    from mlora_core.models.paths import resolve_model_path
 
     gguf = resolve_model_path(SMOLLM2)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -62,7 +62,7 @@ def run_mode(mode: str, model_path: str, steps: int, work: Path) -> dict[str, An
         job["adapter"]["type"] = "qlora" if quantize else "lora"
     path = work / f"{mode}.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([sys.executable, "-m", "mlora_core.cli", "run", str(path)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "mlora_core.cli.main", "run", str(path)], cwd=ROOT, check=True)
     return json.loads((work / mode / "summary.json").read_text())
 
 

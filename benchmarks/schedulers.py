@@ -80,7 +80,7 @@ def run(strategy: str, data: dict[str, Path], steps: int, work: Path, model: str
     path.write_text(yaml.safe_dump(config_for(strategy, data, steps, work, model)))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mlora_core.cli", "run", str(path)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "mlora_core.cli.main", "run", str(path)], cwd=ROOT, check=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     summary = json.loads((work / strategy / "summary.json").read_text())

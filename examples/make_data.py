@@ -2,7 +2,7 @@
 
 Each task has answers that can be checked exactly:
 
-- ``reverse.jsonl``: spell a word backwards (``"planet"`` -> ``"tenalp"``);
+- ``numbers.jsonl``: write a number in words (``"47"`` -> ``"forty-seven"``);
 - ``arithmetic.jsonl``: add two numbers (``"37 + 58"`` -> ``"95"``);
 - ``dates.jsonl``: rewrite an ISO date in words (``"2021-03-07"`` -> ``"March 7, 2021"``).
 
@@ -18,19 +18,25 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-WORDS = (
-    "apple river planet garden window silver orange rocket pencil basket candle forest "
-    "guitar island jacket kitten ladder marble needle pillow quartz rabbit saddle tomato "
-    "velvet walnut yellow zipper anchor bridge castle dragon engine falcon glider harbor "
-    "lantern meadow nickel oyster parrot quiver ribbon shadow thunder violet wizard cobalt "
-    "summer winter autumn spring mirror bottle button cotton copper ginger hammer magnet"
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
 ).split()
+TENS = "- - twenty thirty forty fifty sixty seventy eighty ninety".split()
 MONTHS = ("January February March April May June July August September October November December").split()
 
 
-def reverse_record(rng: random.Random) -> dict[str, str]:
-    word = rng.choice(WORDS)
-    return {"instruction": "Spell the word backwards.", "input": word, "output": word[::-1]}
+def in_words(n: int) -> str:
+    """``n`` (0-99) in English words: ``7`` -> ``seven``, ``47`` -> ``forty-seven``."""
+    if n < 20:
+        return ONES[n]
+    tens, ones = divmod(n, 10)
+    return TENS[tens] + (f"-{ONES[ones]}" if ones else "")
+
+
+def number_record(rng: random.Random) -> dict[str, str]:
+    n = rng.randint(1, 99)
+    return {"instruction": "Write the number in words.", "input": str(n), "output": in_words(n)}
 
 
 def arithmetic_record(rng: random.Random) -> dict[str, str]:
@@ -48,7 +54,7 @@ def date_record(rng: random.Random) -> dict[str, str]:
 
 
 TASKS: dict[str, tuple[Callable[[random.Random], dict[str, str]], int]] = {
-    "reverse": (reverse_record, 1),
+    "numbers": (number_record, 1),
     "arithmetic": (arithmetic_record, 2),
     "dates": (date_record, 3),
 }

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mlora_core.plugins import PluginHost, create_plugin_manager
+from mlora_core.plugin_api.host import PluginHost, create_plugin_manager
 
 WORDS = "apple river planet garden window silver orange rocket pencil basket candle forest guitar island".split()
 
@@ -85,6 +85,21 @@ def build_tiny_llama(out: Path, **overrides: Any) -> Path:
     return out
 
 
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e/ ``e2e``; skip ``gpu`` tests where CUDA is missing."""
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs CUDA (marker gpu)")
+    for item in items:
+        if E2E_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+
+
 @pytest.fixture(scope="session")
 def confident_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaMA with larger initial weights: with the default 0.02 its frozen LM head
@@ -151,3 +166,23 @@ def make_config(tmp_path: Path, tiny_llama_dir: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small sentencepiece tokenizer.model, trained here."""
+    from tiny_chatglm import train_sentencepiece
+
+    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chatglm_dir(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Path:
+    """A tiny ChatGLM2/3 checkpoint: safetensors in two shards, sentencepiece tokenizer."""
+    import shutil
+
+    from tiny_chatglm import TINY, chatglm_weights, write_checkpoint
+
+    out = write_checkpoint(tmp_path_factory.mktemp("tiny-chatglm"), chatglm_weights(TINY), "safetensors")
+    shutil.copy(sp_model, out / "tokenizer.model")
+    return out

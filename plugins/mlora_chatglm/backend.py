@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from mlora_chatglm.checkpoint import checkpoint_dir, load_weights, tokenizer_file, weight_files
 from mlora_chatglm.config import ChatGLMConfig, read_config_json
-from mlora_core.config import BaseModelConfig, torch_dtype
+from mlora_core.config.schema import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
-from mlora_core.protocols import LoadedModel
+from mlora_core.plugin_api.protocols import LoadedModel
 
 
 class ChatGLMBackend:
@@ -25,7 +25,7 @@ class ChatGLMBackend:
     target_modules = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
     def validate(self, config: BaseModelConfig) -> list[str]:
-        """Checks config.json, weight and tokenizer files, and the device, without loading."""
+        """Checks config.json, weight and tokenizer files without loading."""
         try:
             path = checkpoint_dir(config.path)
             ChatGLMConfig.from_dict(read_config_json(path))
@@ -33,7 +33,7 @@ class ChatGLMBackend:
             tokenizer_file(path)
         except MloraError as exc:
             return [f"path: {exc}"]
-        return device_problems(config.device)
+        return []
 
     def load(self, config: BaseModelConfig) -> LoadedModel:
         """Build the model on the meta device, fill it from the shards, cast, freeze, move."""
@@ -65,9 +65,3 @@ class ChatGLMBackend:
             lm_head=model.transformer.output_layer,
             blocks=list(model.transformer.encoder.layers),
         )
-
-
-def device_problems(device: str) -> list[str]:
-    if device == "cpu" or device.startswith("cuda"):
-        return []
-    return [f"device: {device!r} is not 'cpu' or 'cuda[:N]'"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora_core.errors import MloraError
-from mlora_core.paths import resolve_model_path
+from mlora_core.models.paths import resolve_model_path
 
 #: Buffers THUDM's checkpoints carry that the native model computes instead.
 IGNORED_SUFFIXES = ("rotary_pos_emb.inv_freq",)

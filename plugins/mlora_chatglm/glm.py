@@ -8,13 +8,12 @@ config validation checks them before any checkpoint is read.
 
 from __future__ import annotations
 
-from mlora_chatglm.backend import device_problems
 from mlora_chatglm.checkpoint import checkpoint_dir
 from mlora_chatglm.config import read_config_json
-from mlora_core.config import BaseModelConfig, torch_dtype
+from mlora_core.config.schema import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
-from mlora_core.protocols import LoadedModel
-from mlora_core.transformers_split import decoder_blocks, split_causal_lm
+from mlora_core.models.transformers_split import decoder_blocks, split_causal_lm
+from mlora_core.plugin_api.protocols import LoadedModel
 
 #: model_type -> the transformers class that loads it.
 GLM_CLASSES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
@@ -33,7 +32,7 @@ class GlmBackend:
             return [f"path: {exc}"]
         if not (path / "tokenizer.json").is_file():
             return [f"path: {path} has no tokenizer.json"]
-        return device_problems(config.device)
+        return []
 
     def load(self, config: BaseModelConfig) -> LoadedModel:
         import transformers

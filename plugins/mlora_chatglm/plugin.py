@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlora_core.hookspecs import Register, hookimpl
+from mlora_core.plugin_api.hookspecs import Register, hookimpl
 
 
 @hookimpl

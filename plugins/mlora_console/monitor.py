@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from mlora_core.summary import fmt_number, fmt_percent
+from mlora_core.plugin_api.hookspecs import JobMetrics, hookimpl
+from mlora_core.training.summary import fmt_number, fmt_percent
 
 REDRAW_EVERY_S = 0.5
 
@@ -38,7 +39,14 @@ class _JobLine:
 
 
 class ConsoleMonitor:
-    def __init__(self, output_dir: str, every: int = 1, live: bool | None = None, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        resume: bool = False,
+        every: int = 1,
+        live: bool | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
         self.every = max(1, every)
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
@@ -50,32 +58,36 @@ class ConsoleMonitor:
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def on_train_start(self, run: Mapping[str, Any]) -> None:
+    @hookimpl
+    def mlora_on_train_start(self, run: Mapping[str, Any]) -> None:
         self._print(f"mlora: training {len(run['jobs'])} job(s): {', '.join(run['jobs'])}")
         self.lines = {name: _JobLine() for name in run["jobs"]}
         self.started = time.perf_counter()
 
-    def on_step_end(
-        self, step: int, metrics: Mapping[str, Mapping[str, float]], run_metrics: Mapping[str, float]
-    ) -> None:
-        if step == 0:  # the held-out losses before training: the ETA clock starts after them
-            self.started = time.perf_counter()
+    @hookimpl
+    def mlora_on_step_end(self, metrics: JobMetrics) -> None:
         for job, m in metrics.items():
             line = self.lines.setdefault(job, _JobLine())
-            if "loss" in m:
-                line.step, line.total, line.loss = int(m["step"]), int(m["total_steps"]), m["loss"]
-                line.tokens_per_s, line.state = m["tokens_per_s"], "running"
-                if not self.live and (line.step % self.every == 0 or line.step == line.total):
-                    self._print(
-                        f"[{job}] step {line.step}/{line.total}  loss {m['loss']:.4f}  "
-                        f"lr {m['lr']:.2e}  tok/s {m['tokens_per_s']:.0f}"
-                    )
-            elif ("eval_loss" in m or "eval_accuracy" in m) and not self.live:
-                found = [f"loss {m['eval_loss']:.4f}"] if "eval_loss" in m else []
-                found += [f"accuracy {m['eval_accuracy']:.1%}"] if "eval_accuracy" in m else []
-                self._print(f"[{job}] held-out {', '.join(found)} at step {int(m['step'])}")
+            line.step, line.total, line.loss = int(m["step"]), int(m["total_steps"]), m["loss"]
+            line.tokens_per_s, line.state = m["tokens_per_s"], "running"
+            if not self.live and (line.step % self.every == 0 or line.step == line.total):
+                self._print(
+                    f"[{job}] step {line.step}/{line.total}  loss {m['loss']:.4f}  "
+                    f"lr {m['lr']:.2e}  tok/s {m['tokens_per_s']:.0f}"
+                )
         if self.live:
             self._redraw()
+
+    @hookimpl
+    def mlora_on_evaluation(self, phase: str, results: JobMetrics) -> None:
+        if phase == "before":  # the held-out results before training: the ETA clock starts after them
+            self.started = time.perf_counter()
+        if self.live:
+            return
+        for job, m in results.items():
+            found = [f"loss {m['eval_loss']:.4f}"] if "eval_loss" in m else []
+            found += [f"accuracy {m['eval_accuracy']:.1%}"] if "eval_accuracy" in m else []
+            self._print(f"[{job}] held-out {', '.join(found)} at step {int(m['step'])}")
 
     def _redraw(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -88,7 +100,8 @@ class ConsoleMonitor:
         self.stream.flush()
         self._drawn, self._last_draw = len(self.lines), now
 
-    def on_job_end(self, job: str, result: Mapping[str, Any]) -> None:
+    @hookimpl
+    def mlora_on_job_end(self, job: str, result: Mapping[str, Any]) -> None:
         detail = f"error: {result['error']}" if result.get("error") else f"adapter: {result['adapter_dir']}"
         text = f"{result['status']} after {result['steps']} steps, {result['latency_s']:.1f}s; {detail}"
         if self.live:
@@ -97,8 +110,12 @@ class ConsoleMonitor:
         else:
             self._print(f"[{job}] {text}")
 
-    def on_train_end(self, summary: Mapping[str, Any]) -> None:
+    @hookimpl
+    def mlora_on_train_end(self, summary: Mapping[str, Any]) -> None:
         self._print(format_table(summary))
+
+    def close(self) -> None:
+        """Nothing to close: the stream belongs to the caller."""
 
 
 def format_table(summary: Mapping[str, Any]) -> str:

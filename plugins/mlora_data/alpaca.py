@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlora_core.config import DataConfig
+from mlora_core.config.schema import DataConfig
 from mlora_core.errors import DataError
-from mlora_core.datasets import common_data_problems, split_held_out
-from mlora_core.protocols import Sample, SplitDataset
+from mlora_core.plugin_api.conventions import IGNORE_INDEX as IGNORE
+from mlora_core.plugin_api.data import common_data_problems, split_held_out
+from mlora_core.plugin_api.protocols import Sample, SplitDataset
 from mlora_data.templates import TEMPLATES, PromptTemplate
-
-IGNORE = -100
 
 
 class AlpacaLoader:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlora_core.hookspecs import Register, hookimpl
+from mlora_core.plugin_api.hookspecs import Register, hookimpl
 
 
 @hookimpl

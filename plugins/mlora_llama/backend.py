@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlora_core.config import BaseModelConfig, torch_dtype
+from mlora_core.config.schema import BaseModelConfig, torch_dtype
 from mlora_core.errors import MloraError
-from mlora_core.paths import resolve_model_path
-from mlora_core.protocols import LoadedModel
-from mlora_core.transformers_split import decoder_blocks, split_causal_lm
+from mlora_core.models.paths import resolve_model_path
+from mlora_core.models.transformers_split import decoder_blocks, split_causal_lm
+from mlora_core.plugin_api.protocols import LoadedModel
 
 
 class LlamaBackend:
@@ -33,8 +33,6 @@ class LlamaBackend:
             return [f"path: {path} does not exist"]
         elif path.suffix != ".gguf":
             return [f"path: {path} is a file but not a .gguf file"]
-        if not (config.device == "cpu" or config.device.startswith("cuda")):
-            return [f"device: {config.device!r} is not 'cpu' or 'cuda[:N]'"]
         return []
 
     def load(self, config: BaseModelConfig) -> LoadedModel:

@@ -1,4 +1,10 @@
-"""The ``lora`` adapter type: attach LoRA adapters to a base model and save them for PEFT."""
+"""The ``lora`` adapter type: attach LoRA adapters to a base model and save them for PEFT.
+
+Public API for adapter types built on LoRA (the example DoRA plugin): :data:`PEFT_PREFIX`,
+:class:`LoraAdapter` (``layers``, ``state_dict``, ``load_state_dict``, ``peft_config``, all
+meant to be extended) and :class:`LoraAdapterType`'s extension points ``layer_at``,
+``add_to_layer`` and ``make_adapter``; with :class:`mlora_lora.layer.LoraLinear`.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mlora_core.config import AdapterConfig
+from mlora_core.config.schema import AdapterConfig
 from mlora_core.errors import MloraError
-from mlora_core.routing import RowRouter
+from mlora_core.plugin_api.routing import RowRouter
 from mlora_lora.layer import LoraLinear
 
 #: PEFT prefixes adapter keys with this for causal LMs (``PeftModelForCausalLM``).
@@ -33,15 +39,15 @@ class LoraAdapter:
     def parameters(self) -> list[nn.Parameter]:
         params = []
         for layer in self.layers.values():
-            params += [layer.lora_A[self.name].weight, layer.lora_B[self.name].weight]
+            params += [layer.lora_a(self.name).weight, layer.lora_b(self.name).weight]
         return params
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under PEFT's key names (``base_model.model.<path>.lora_A.weight``)."""
         state = {}
         for path, layer in self.layers.items():
-            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[self.name].weight
-            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[self.name].weight
+            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_a(self.name).weight
+            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_b(self.name).weight
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -54,8 +60,8 @@ class LoraAdapter:
             )
         with torch.no_grad():
             for path, layer in self.layers.items():
-                layer.lora_A[self.name].weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_A.weight"])
-                layer.lora_B[self.name].weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+                layer.lora_a(self.name).weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_A.weight"])
+                layer.lora_b(self.name).weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_B.weight"])
 
     def peft_config(self, base_model_name_or_path: str) -> dict[str, object]:
         """The adapter_config.json that PEFT's LoraConfig reads."""
@@ -94,9 +100,13 @@ class LoraAdapterType:
 
     Over a quantized base (``base_model.quantize``) the wrapped layers are bitsandbytes
     layers and every ``lora`` job is a QLoRA job.
+
+    Public API: :meth:`layer_at`, :meth:`add_to_layer` and :meth:`make_adapter` are the
+    extension points adapter types built on LoRA override (the example DoRA plugin does).
     """
 
     requires_quantized_base = False
+    peft_type: str | None = "LORA"
 
     def validate(self, config: AdapterConfig, target_modules: Sequence[str]) -> list[str]:
         problems = []
@@ -171,16 +181,18 @@ class LoraAdapterType:
             raise MloraError(f"{where}: the adapter adapts {path}, which is not a linear layer in the base model")
         return layer
 
-    # Extension points for adapter types built on LoRA (the example DoRA plugin uses them).
+    # Extension points (public API) for adapter types built on LoRA.
 
     def layer_at(self, model: nn.Module, path: str, module: nn.Module, router: RowRouter) -> LoraLinear | None:
         """The adapted layer at ``path`` (wrapping a plain linear on first use), or None to skip it."""
         return _wrap(model, path, module, router)
 
     def add_to_layer(self, layer: LoraLinear, name: str, config: AdapterConfig) -> None:
+        """Add job ``name``'s weights to one adapted layer."""
         layer.add_adapter(name, config.r, config.alpha, config.dropout)
 
     def make_adapter(self, name: str, config: AdapterConfig, layers: dict[str, LoraLinear]) -> LoraAdapter:
+        """The :class:`~mlora_core.plugin_api.protocols.Adapter` over the layers of job ``name``."""
         return LoraAdapter(name, config, layers)
 
 
@@ -278,3 +290,4 @@ class QLoraAdapterType(LoraAdapterType):
     """
 
     requires_quantized_base = True
+    peft_type = None  # its saved adapters are plain LoRA ones, loaded by ``lora``

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mlora_core.config import SchedulerConfig
-from mlora_core.scheduling import JobView, StepBudget, StepPlan
-from mlora_schedulers.packing import pack
+from mlora_core.config.schema import SchedulerConfig
+from mlora_core.plugin_api.scheduling import JobView, StepBudget, StepPlan, pack
 
 
 class TrivialScheduler:

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlora_core.config import DataConfig
+from mlora_core.config.schema import DataConfig
 from mlora_core.errors import DataError
-from mlora_core.datasets import common_data_problems, split_held_out
-from mlora_core.protocols import Sample, SplitDataset
+from mlora_core.plugin_api.conventions import IGNORE_INDEX as IGNORE
+from mlora_core.plugin_api.data import common_data_problems, split_held_out
+from mlora_core.plugin_api.protocols import Sample, SplitDataset
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
 
@@ -83,6 +83,11 @@ def _check(where: str, line: str) -> list[dict[str, str]]:
     if not any(msg["role"] == "assistant" for msg in messages):
         raise DataError(f"{where}: no assistant message to learn")
     return [{"role": msg["role"], "content": msg["content"]} for msg in messages]
+
+
+def render(messages: list[dict[str, str]], template: ChatTemplate) -> str:
+    """A conversation as the text the model reads (before tokenization and EOS tokens)."""
+    return "".join(template.header.format(role=m["role"]) + m["content"] + template.footer for m in messages)
 
 
 def tokenize(

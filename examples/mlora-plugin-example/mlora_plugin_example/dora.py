@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora_core.config import AdapterConfig
+from mlora_core.config.schema import AdapterConfig
 from mlora_core.errors import MloraError
-from mlora_core.routing import RowRouter
+from mlora_core.plugin_api.conventions import module_key
+from mlora_core.plugin_api.routing import RowRouter
 from mlora_lora.adapter import PEFT_PREFIX, LoraAdapter, LoraAdapterType
 from mlora_lora.layer import LoraLinear
 
@@ -64,23 +65,31 @@ class DoraLinear(LoraLinear):
         self.add_adapter(name, r, alpha, dropout)
         with torch.no_grad():
             norm = self._weight_norm(name)  # (out,)
-        self.lora_magnitude[name] = nn.Parameter(norm.clone())
+        self.lora_magnitude[module_key(name)] = nn.Parameter(norm.clone())
+
+    def has_dora(self, name: str) -> bool:
+        """Whether adapter ``name`` is a DoRA adapter (it has a magnitude vector)."""
+        return module_key(name) in self.lora_magnitude
+
+    def magnitude(self, name: str) -> nn.Parameter:
+        """DoRA adapter ``name``'s magnitude vector m, (out,)."""
+        return self.lora_magnitude[module_key(name)]
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
-        if name in self.lora_magnitude:
-            del self.lora_magnitude[name]
+        if self.has_dora(name):
+            del self.lora_magnitude[module_key(name)]
 
     def _weight_norm(self, name: str) -> torch.Tensor:
         """||W0 + s B A||_c per output row, (out,), detached from B and A (paper §4.3)."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        a, b = self.lora_a(name).weight, self.lora_b(name).weight
         w0 = self.base_layer.weight.to(torch.float32)  # (out, in)
         lora_weight = (b @ a).detach()  # (out, in)
         return torch.linalg.norm(w0 + self.scaling[name] * lora_weight, dim=1).detach()
 
     def dora_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """DoRA's update for rows x (rows, T, in) whose base output is base_out (rows, T, out); fp32."""
-        a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        a, b, dropout = self.lora_a(name), self.lora_b(name), self.dropout(name)
         scaling = self.scaling[name]
         x = x.to(torch.float32)
         if isinstance(dropout, nn.Identity) or not self.training:
@@ -90,12 +99,12 @@ class DoraLinear(LoraLinear):
         else:
             x = dropout(x)
             base = F.linear(x, self.base_layer.weight.to(torch.float32))  # W0 dropout(x)
-        scale = self.lora_magnitude[name] / self._weight_norm(name)  # (out,)
+        scale = self.magnitude(name) / self._weight_norm(name)  # (out,)
         return (scale - 1) * base + scale * b(a(x)) * scaling
 
     def segment_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """DoRA rows use :meth:`dora_delta`; LoRA adapters sharing the layer keep LoRA's update."""
-        if name in self.lora_magnitude:
+        if self.has_dora(name):
             return self.dora_delta(name, x, base_out)
         return super().segment_delta(name, x, base_out)
 
@@ -106,13 +115,13 @@ class DoraAdapter(LoraAdapter):
     layers: dict[str, DoraLinear]  # type: ignore[assignment]
 
     def parameters(self) -> list[nn.Parameter]:
-        return super().parameters() + [layer.lora_magnitude[self.name] for layer in self.layers.values()]
+        return super().parameters() + [layer.magnitude(self.name) for layer in self.layers.values()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT's keys: LoRA's, plus ``base_model.model.<path>.lora_magnitude_vector``."""
         state = super().state_dict()
         for path, layer in self.layers.items():
-            magnitude = layer.lora_magnitude[self.name].detach().to("cpu", torch.float32).clone()
+            magnitude = layer.magnitude(self.name).detach().to("cpu", torch.float32).clone()
             state[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = magnitude
         return state
 
@@ -124,7 +133,7 @@ class DoraAdapter(LoraAdapter):
         super().load_state_dict({k: v for k, v in state.items() if k not in magnitudes})
         with torch.no_grad():
             for path, layer in self.layers.items():
-                layer.lora_magnitude[self.name].copy_(magnitudes[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"])
+                layer.magnitude(self.name).copy_(magnitudes[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"])
 
     def peft_config(self, base_model_name_or_path: str) -> dict[str, object]:
         return {**super().peft_config(base_model_name_or_path), "use_dora": True}
@@ -132,6 +141,8 @@ class DoraAdapter(LoraAdapter):
 
 class DoraAdapterType(LoraAdapterType):
     """Wraps each targeted ``nn.Linear`` in a :class:`DoraLinear` (or upgrades a ``LoraLinear``)."""
+
+    peft_type = None  # saved DoRA adapters are not loaded back (``mlora generate``) by this example
 
     def validate(self, config: AdapterConfig, target_modules: Sequence[str]) -> list[str]:
         problems = super().validate(dataclasses.replace(config, options={}), target_modules)

@@ -6,7 +6,7 @@ Imports of the components happen inside the hooks, so loading the plugin (which 
 
 from __future__ import annotations
 
-from mlora_core.hookspecs import Register, hookimpl
+from mlora_core.plugin_api.hookspecs import Register, hookimpl
 
 
 @hookimpl
@@ -28,3 +28,10 @@ def mlora_register_datasets(register: Register) -> None:
     from mlora_plugin_example.chat import ChatLoader
 
     register("chat", ChatLoader)
+
+
+@hookimpl
+def mlora_register_commands(register: Register) -> None:
+    from mlora_plugin_example.preview import ChatPreviewCommand
+
+    register("chat_preview", ChatPreviewCommand)

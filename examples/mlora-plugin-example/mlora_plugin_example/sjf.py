@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mlora_core.config import SchedulerConfig
+from mlora_core.config.schema import SchedulerConfig
 from mlora_core.errors import ConfigError
-from mlora_core.scheduling import JobView, StepBudget, StepPlan
-from mlora_schedulers.packing import pack
+from mlora_core.plugin_api.scheduling import JobView, StepBudget, StepPlan, pack
 
 OPTIONS = ("jobs_per_step",)
 
@@ -22,7 +21,7 @@ class ShortestJobFirstScheduler:
     """Each step: the ``jobs_per_step`` jobs with the fewest remaining tokens, one micro-batch each.
 
     Ties go to the job listed first in the config. ``max_tokens_per_step`` and the memory
-    check can shrink a job's share (``packing.pack`` from the built-in schedulers).
+    check can shrink a job's share (``pack`` from ``mlora_core.plugin_api.scheduling``).
 
     Options (``scheduler.options``):
         jobs_per_step: how many of the shortest jobs share a step (default 1).

@@ -1,0 +1,1 @@
+"""The ``mlora`` command line: the entry point, and the core's own commands."""

@@ -1,0 +1,1 @@
+"""The config: its schema and loading (``schema``), and its checks against the plugins (``validation``)."""

@@ -1,0 +1,1 @@
+"""Held-out loss and exact-match accuracy of several adapters at once."""

@@ -1,0 +1,1 @@
+"""Batched generation with several adapters per batch over the one shared base."""

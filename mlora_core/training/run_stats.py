@@ -1,0 +1,67 @@
+"""The run's running totals: tokens, padding, peak memory, out-of-memory retries, time spent."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mlora_core.training.batch import MultiJobBatch
+from mlora_core.training.memory import peak_memory
+
+
+@dataclass
+class RunStats:
+    """Totals over the engine steps so far (checkpointed as they are)."""
+
+    #: Rows x padded length, and non-pad tokens, of every step.
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    oom_retries: int = 0
+    #: Highest peak of a single step (the per-step resets hide it from ``peak_memory()``).
+    peak_bytes: int = 0
+    #: Seconds of held-out evaluation in all, and of the one before training.
+    eval_s: float = 0.0
+    eval_before_s: float = 0.0
+    #: Seconds of training before a resume.
+    train_elapsed: float = 0.0
+
+    def record_step(self, batch: MultiJobBatch, peak: int, seconds: float) -> dict[str, float]:
+        """Add a step's tokens and peak; returns the step's run metrics (utilisation not included)."""
+        rows, width = batch.input_ids.shape
+        real = int(batch.attention_mask.sum())
+        self.padded_tokens += rows * width
+        self.real_tokens += real
+        self.peak_bytes = max(self.peak_bytes, peak)
+        return {
+            "step_time_s": seconds,
+            "rows": rows,
+            "tokens": rows * width,
+            "real_tokens": real,
+            "padding_fraction": 1 - real / (rows * width),
+            "peak_memory_bytes": peak,
+        }
+
+    def totals(self, device: str, wall_s: float, loop_s: float, train_tokens: int, steps: int) -> dict[str, Any]:
+        """summary.json's run totals; ``loop_s`` is the training loop's wall time (evaluations included)."""
+        train_s = loop_s - (self.eval_s - self.eval_before_s)  # held-out evaluation is not training
+        peak_bytes, peak_kind = peak_memory(device)
+        return {
+            "wall_s": round(wall_s, 3),
+            "train_s": round(train_s, 3),
+            "eval_s": round(self.eval_s, 3),
+            "engine_steps": steps,
+            "train_tokens": train_tokens,
+            "tokens_per_s": train_tokens / train_s if train_s > 0 else 0.0,
+            "padding_fraction": 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0,
+            "oom_retries": self.oom_retries,
+            "peak_memory_bytes": max(peak_bytes, self.peak_bytes),
+            "peak_memory_kind": peak_kind,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RunStats:
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})

@@ -1,0 +1,1 @@
+"""Built-in ``mlora generate``: text from saved adapters, many adapters per batch over one base."""

@@ -1,0 +1,146 @@
+"""Concurrent training equals each adapter trained alone with PEFT.
+
+Three jobs with different ranks, target modules, learning rates, batch sizes and dataset
+sizes train together in one mlora run with gradient accumulation (micro-batches smaller
+than the batch). Each job is then trained alone by an independent reference: transformers'
+LlamaForCausalLM with a PEFT LoRA adapter, fed the job's *whole* optimizer batch at once,
+with transformers' own token-mean loss, torch AdamW and transformers' linear warmup
+schedule. mlora's accumulated micro-batches must reproduce the full-batch step.
+
+The same holds over a quantized shared base (nf4, fp4, int8): mlora quantizes the base
+itself; the reference base is quantized by transformers' own bitsandbytes path and trained
+with PEFT's QLoRA layers.
+
+Tolerance (fp32 compute): max |mlora - peft| <= 1e-6 on every adapter weight after training
+(measured on this machine: 7e-9 unquantized, 3e-8 nf4, 1.5e-8 fp4 and int8).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import job
+from peft_reference import reference_base, train_alone_with_peft
+from safetensors.torch import load_file
+
+from mlora_core.config.schema import load_config
+from mlora_core.training.engine import Engine
+
+ATOL = 1e-6
+
+
+def reference_train(
+    model_dir: Path, jc, init_state: dict, samples: list, pad_id: int, quantize: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Train one adapter alone with PEFT on full (unsplit) batches; returns PEFT's adapter state."""
+    return train_alone_with_peft(reference_base(model_dir, quantize), jc, init_state, samples, pad_id)
+
+
+def three_jobs(data_dir: Path) -> list[dict]:
+    """Three jobs that differ in rank, targets, learning rate, batch and micro-batch sizes and steps."""
+    jobs = [
+        job(
+            "a",
+            data_dir / "a.jsonl",
+            batch_size=6,
+            micro_batch_size=2,
+            lr=2e-3,
+            warmup_steps=2,
+            max_steps=5,
+            adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        ),
+        job(
+            "b",
+            data_dir / "b.jsonl",
+            batch_size=4,
+            micro_batch_size=1,
+            lr=5e-3,
+            warmup_steps=0,
+            max_steps=4,
+            adapter={
+                "type": "lora",
+                "r": 8,
+                "alpha": 32,
+                "dropout": 0.0,
+                "target_modules": ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"],
+            },
+        ),
+        job(
+            "c",
+            data_dir / "c.jsonl",
+            batch_size=4,
+            micro_batch_size=4,
+            lr=1e-3,
+            warmup_steps=1,
+            max_steps=3,
+            adapter={"type": "lora", "r": 2, "alpha": 2, "dropout": 0.0, "target_modules": ["up_proj", "v_proj"]},
+        ),
+    ]
+    for j in jobs:
+        j["train"].update(shuffle=False, weight_decay=0.01, max_grad_norm=1.0)
+    return jobs
+
+
+@pytest.mark.parametrize(
+    ("quantize", "checkpointing"),
+    [(None, False), ("nf4", False), ("fp4", False), ("int8", False), (None, True), ("nf4", True)],
+)
+def test_concurrent_training_matches_peft_alone(make_config, data_dir, tiny_llama_dir, host, quantize, checkpointing):
+    """Also with activation checkpointing: the recomputed blocks must route the same rows."""
+    jobs = three_jobs(data_dir)
+    for j in jobs:
+        if quantize:
+            j["adapter"]["type"] = "qlora"
+    overrides = [f"base_model.quantize={quantize or 'null'}", f"base_model.activation_checkpointing={checkpointing}"]
+    config = load_config(make_config(jobs), overrides)
+    engine = Engine(config, host)
+    engine.setup()
+    init = {j.name: j.adapter.state_dict() for j in engine.jobs}
+    samples = {j.name: list(j.data.train) for j in engine.jobs}
+    summary = engine.train()
+    assert [j["status"] for j in summary["jobs"]] == ["completed"] * 3
+    assert [j["steps"] for j in summary["jobs"]] == [5, 4, 3]
+
+    for jc in config.jobs:
+        ours = load_file(str(Path(config.output_dir) / jc.name / "adapter_model.safetensors"))
+        theirs = reference_train(tiny_llama_dir, jc, init[jc.name], samples[jc.name], engine.pad_id, quantize)
+        assert set(ours) == set(theirs)
+        for key in ours:
+            assert not torch.equal(ours[key], init[jc.name][key]), f"{jc.name}: {key} did not train"
+            where = f"{jc.name} {key}"
+            torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=lambda m, w=where: f"{w}: {m}")
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_bf16_base_keeps_fp32_adapters_and_optimizer(make_config, data_dir, host, dtype):
+    config = load_config(make_config([job("a", data_dir / "a.jsonl", max_steps=2)]), [f"base_model.dtype={dtype}"])
+    engine = Engine(config, host)
+    engine.setup()
+    params = engine.jobs[0].params
+    assert all(p.dtype == torch.float32 for p in params)
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    opt = engine.jobs[0].optimizer
+    summary = engine.train()
+    assert summary["jobs"][0]["status"] == "completed"
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+
+
+@pytest.mark.gpu
+def test_concurrent_training_on_cuda_matches_peft_alone_on_cuda(make_config, data_dir, tiny_llama_dir, host):
+    """The same invariant on a GPU: mlora on CUDA against PEFT on CUDA (fp32, TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = load_config(make_config(three_jobs(data_dir)), ["base_model.device=cuda"])
+    engine = Engine(config, host)
+    engine.setup()
+    init = {j.name: j.adapter.state_dict() for j in engine.jobs}
+    samples = {j.name: list(j.data.train) for j in engine.jobs}
+    summary = engine.train()
+    assert [j["status"] for j in summary["jobs"]] == ["completed"] * 3
+    for jc in config.jobs:
+        ours = load_file(str(Path(config.output_dir) / jc.name / "adapter_model.safetensors"))
+        base = reference_base(tiny_llama_dir, None).to("cuda")
+        theirs = train_alone_with_peft(base, jc, init[jc.name], samples[jc.name], engine.pad_id)
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
