@@ -148,3 +148,26 @@ def test_lora_and_qlora_jobs_over_a_quantized_chatglm(host, tmp_path, data_dir, 
     for name, state in init.items():
         saved = load_file(str(Path(run.output_dir) / name / "adapter_model.safetensors"))
         assert set(saved) == set(state) and any(not torch.equal(saved[k], state[k]) for k in saved)
+
+
+def test_generated_ids_the_tokenizer_cannot_decode_are_wrong_answers(host, tmp_path, data_dir):
+    """ChatGLM pads its vocabulary past its tokenizer's; a greedy answer with such an id is a
+    wrong answer, not a crash of the run (it used to take every job down at evaluation)."""
+    weights = chatglm_weights(TINY, seed=1)
+    head = weights["transformer.output_layer.weight"]  # (padded vocab, hidden)
+    direction = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))
+    head.zero_()
+    head[500], head[501] = direction, -direction  # every greedy token is 500 or 501, past the tokenizer
+    out = write_checkpoint(tmp_path / "padded", weights, "safetensors")
+    train_sentencepiece(out)
+    from mlora_chatglm.tokenizer import load_tokenizer
+
+    assert len(load_tokenizer(out, json.loads((out / "config.json").read_text()))) < 500
+    jobs = [
+        job(name, data_dir / "a.jsonl", max_steps=2, data_opts={"exact_match": True}, adapter=lora(2, 4, "dense"))
+        for name in ("one", "two")
+    ]
+    summary = Engine(load_config(write_config(tmp_path, {"path": str(out)}, jobs)), host).run()
+    for entry in summary["jobs"]:
+        assert entry["status"] == "completed", entry
+        assert entry["accuracy_before"] == 0.0 and entry["accuracy_after"] == 0.0
