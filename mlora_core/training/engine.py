@@ -245,9 +245,20 @@ class Engine:
     # --- held-out evaluation ----------------------------------------------------------------
 
     def _evaluate_before(self) -> None:
-        self.eval_before = self.evaluator.metrics(self.jobs)
+        """Every job's held-out metrics before training; a job whose evaluation raises fails alone."""
+        try:
+            self.eval_before = self.evaluator.metrics(self.jobs)
+        except Exception:  # find the job at fault: evaluate each alone
+            self.eval_before = {}
+            for job in self.jobs:
+                try:
+                    self.eval_before |= self.evaluator.metrics([job])
+                except Exception as exc:
+                    job.fail(f"held-out evaluation before training failed: {exc!r}")
+                    self._finish(job, save=False)
         self.stats.eval_before_s = self.evaluator.seconds
-        self.events.evaluation(0, "before", {j.name: (0, self.eval_before[j.name]) for j in self.jobs})
+        measured = [j for j in self.jobs if j.name in self.eval_before]
+        self.events.evaluation(0, "before", {j.name: (0, self.eval_before[j.name]) for j in measured})
 
     def _evaluate_during(self, jobs: list[Job], final: bool = False) -> None:
         """``eval_every``: held-out loss of the current weights, fed to early stopping.

@@ -225,3 +225,36 @@ def test_a_job_whose_adapter_cannot_be_saved_fails_alone(make_config, data_dir, 
     out = Path(config.output_dir)
     assert not (out / "bad").exists() and not list(out.glob(".bad*"))  # nothing half-written left
     assert (out / "good" / "adapter_model.safetensors").is_file()
+
+
+def test_a_job_whose_evaluation_before_training_fails_fails_alone(make_config, data_dir, tmp_path):
+    """A data loader whose held-out samples have no answer breaks exact-match accuracy; only its job fails."""
+    from mlora_core.plugin_api.hookspecs import hookimpl
+    from mlora_core.plugin_api.host import create_plugin_manager
+    from mlora_core.plugin_api.protocols import Sample, SplitDataset
+    from mlora_data.alpaca import AlpacaLoader
+
+    class NoAnswers(AlpacaLoader):
+        def load(self, config, tokenizer, seed):
+            data = super().load(config, tokenizer, seed)
+            unlearned = [Sample(s.input_ids, (-100,) * len(s)) for s in data.eval]
+            return SplitDataset(data.train, unlearned)
+
+    class Plugin:
+        __name__ = "no_answers"
+
+        @hookimpl
+        def mlora_register_datasets(self, register):
+            register("no_answers", NoAnswers)
+
+    host = create_plugin_manager(autoload=False, extra=[Plugin()])
+    exact = {"exact_match": True}
+    jobs = [
+        job("bad", data_dir / "a.jsonl", data_opts={**exact, "type": "no_answers"}),
+        job("good", data_dir / "b.jsonl", data_opts=exact),
+    ]
+    summary = run(load_config(make_config(jobs)), host)
+    result = {j["name"]: j for j in summary["jobs"]}
+    assert result["bad"]["status"] == "failed" and result["bad"]["steps"] == 0
+    assert "held-out evaluation before training failed" in result["bad"]["error"]
+    assert result["good"]["status"] == "completed" and result["good"]["accuracy_before"] is not None
