@@ -136,6 +136,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     summary = resumed.run()
     assert [j["status"] for j in summary["jobs"]] == ["completed"] * 3
     _assert_same(_adapters(out), reference)
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("train_start") == 2 and events[-1] == "train_end"  # the resumed run appended
 
 
 def test_output_dir_holding_a_run_needs_resume_or_overwrite(make_config, data_dir, host):

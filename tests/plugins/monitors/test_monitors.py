@@ -27,12 +27,14 @@ def test_metrics_jsonl_holds_every_step_job_end_and_summary(make_config, data_di
     records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     events = [r["event"] for r in records]
     assert events[0] == "train_start" and events[-1] == "train_end"
-    steps = [r for r in records if r["event"] == "step" and r["run"]]
+    steps = [r for r in records if r["event"] == "step"]
     assert len(steps) == summary["engine_steps"]
     assert all(RUN_KEYS <= set(r["run"]) for r in steps)
     losses = [r["jobs"]["a"]["loss"] for r in steps if "loss" in r["jobs"].get("a", {})]
     assert len(losses) == 3 and abs(losses[-1] - summary["jobs"][0]["final_train_loss"]) < 1e-9
     assert [r["job"] for r in records if r["event"] == "job_end"] == ["b", "a"]
+    evaluations = [(r["phase"], sorted(r["jobs"])) for r in records if r["event"] == "evaluation"]
+    assert evaluations == [("before", ["a", "b"]), ("after", ["b"]), ("after", ["a"])]
     assert records[-1]["summary"]["jobs"] == summary["jobs"]
     assert {"tokens_seen", "grad_norm", "tokens_per_s", "lr"} <= set(steps[-1]["jobs"]["a"])
     # Each job's peak is the highest step peak among the steps that held its rows.
