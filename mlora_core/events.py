@@ -40,12 +40,17 @@ class RunEvents:
         }
         named = [(n, options) for n, options in config.monitor.items() if options is not None]
         self.monitors: list[Monitor] = []
-        for name, options in named:
-            self.monitors.append(host.monitors.create(name, output_dir=config.output_dir, resume=resume, **options))
-        # pluggy calls the last registered first: register in reverse, so monitors hear each
-        # event in the order the config lists them
-        for (name, _), monitor in reversed(list(zip(named, self.monitors, strict=True))):
-            host.add_listener(monitor, f"monitor:{name}")
+        try:
+            for name, options in named:
+                monitor = host.monitors.create(name, output_dir=config.output_dir, resume=resume, **options)
+                self.monitors.append(monitor)
+            # pluggy calls the last registered first: register in reverse, so monitors hear
+            # each event in the order the config lists them
+            for (name, _), monitor in reversed(list(zip(named, self.monitors, strict=False))):
+                host.add_listener(monitor, f"monitor:{name}")
+        except BaseException:
+            self.close()
+            raise
 
     def train_start(self) -> None:
         self.host.on_train_start(self.run)

@@ -282,3 +282,32 @@ def test_autoload_and_named_plugins_can_be_disabled(tmp_path, monkeypatch, recwa
     assert [f.name for f in host.failed] == ["raising_hook"]
     assert "broken_import" not in {p.name for p in host.plugins()}
     assert not [w for w in recwarn if "broken_import" in str(w.message)]
+
+
+def test_a_monitor_with_a_misspelt_event_method_is_refused(make_config, data_dir):
+    """A monitor is registered as a hook implementation, so a typo'd event fails loudly, not silently."""
+    from mlora_core.errors import PluginError
+
+    class Typo:
+        def __init__(self, output_dir, resume=False):
+            pass
+
+        @hookimpl
+        def mlora_on_stepend(self, step):
+            pass
+
+        def close(self):
+            pass
+
+    class Plugin:
+        __name__ = "typo_monitor"
+
+        @hookimpl
+        def mlora_register_monitors(self, register):
+            register("typo", Typo)
+
+    host = create_plugin_manager(autoload=False, extra=[Plugin()])
+    config = load_config(make_config([job("a", data_dir / "a.jsonl", max_steps=1)], monitor={"typo": {}}))
+    with pytest.raises(PluginError, match="monitor:typo.*mlora_on_stepend"):
+        run(config, host)
+    assert not [name for name, _ in host.pm.list_name_plugin() if name.startswith("monitor:")]  # not left behind
