@@ -74,7 +74,6 @@ def test_quickstart_on_smollm2_learns(tmp_path):
         adapter = Path(entry["adapter_dir"])
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     accuracy = {e["name"]: (e["accuracy_before"], e["accuracy_after"]) for e in summary["jobs"]}
-    assert sum(after for _, after in accuracy.values()) > sum(before for before, _ in accuracy.values()), accuracy
-    assert accuracy["dates"][1] > accuracy["dates"][0], accuracy
-    assert "[reverse] step 5/30" in result.stdout
+    assert all(after >= before + 0.3 for before, after in accuracy.values()), accuracy  # every job learns
+    assert "[numbers] step 5/30" in result.stdout
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -119,9 +119,9 @@ def test_example_config_validates_and_trains_with_all_three(site, tiny_llama_dir
     result = mlora(site, "run", config, *small)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert [(j["name"], j["status"]) for j in summary["jobs"]] == [("antonyms", "completed"), ("reverse", "completed")]
+    assert [(j["name"], j["status"]) for j in summary["jobs"]] == [("antonyms", "completed"), ("numbers", "completed")]
     assert json.loads((out / "antonyms" / "adapter_config.json").read_text())["use_dora"] is True
-    assert json.loads((out / "reverse" / "adapter_config.json").read_text())["use_dora"] is False
+    assert json.loads((out / "numbers" / "adapter_config.json").read_text())["use_dora"] is False
 
 
 def test_a_config_using_a_disabled_or_broken_plugin_fails_clearly(site):
