@@ -43,9 +43,10 @@ class EvalCommand:
 
     def run(self, args: argparse.Namespace, host: PluginHost) -> int:
         config = load_config_arguments(args)
-        print(format_result(evaluate_saved(config, host)))
+        result = evaluate_saved(config, host)
+        print(format_result(result))
         print(f"written to {Path(config.output_dir) / 'eval.json'}", file=sys.stderr)
-        return 0
+        return 1 if any(v["adapter_error"] for v in result["jobs"].values()) else 0
 
 
 def evaluate_saved(config: MloraConfig, host: PluginHost) -> dict[str, Any]:
@@ -59,14 +60,19 @@ def evaluate_saved(config: MloraConfig, host: PluginHost) -> dict[str, Any]:
     held_out = _held_out(config, host, loaded)
     router = RowRouter()
     base = _measure(config, loaded, router, held_out, list(held_out))  # no adapter attached yet: the bare base
-    saved = [name for name in held_out if name not in missing]
-    for name in saved:
-        load_adapter(host, loaded.model, name, out / name, router)
+    saved, unreadable = [], {}
+    for name in (n for n in held_out if n not in missing):
+        try:  # one adapter that cannot be loaded must not stop the others being measured
+            load_adapter(host, loaded.model, name, out / name, router)
+            saved.append(name)
+        except MloraError as exc:
+            unreadable[name] = str(exc)
     after = _measure(config, loaded, router, held_out, saved)
     jobs = {
         name: {
             "held_out_samples": len(held_out[name]),
             "adapter_dir": None if name in missing else str(out / name),
+            "adapter_error": unreadable.get(name),
             "eval_loss_base": base[name]["eval_loss"],
             "accuracy_base": base[name]["accuracy"],
             "eval_loss": after.get(name, {}).get("eval_loss"),
@@ -122,7 +128,7 @@ def _report(config: MloraConfig, host: PluginHost, result: dict[str, Any], steps
         saved = {
             n: (steps.get(n, 0), {"eval_loss": v["eval_loss"], "accuracy": v["accuracy"]})
             for n, v in jobs.items()
-            if v["adapter_dir"]
+            if v["adapter_dir"] and not v["adapter_error"]
         }
         events.evaluation(0, "after", saved)
     finally:
@@ -140,4 +146,6 @@ def format_result(result: dict[str, Any]) -> str:
         )
         if v["adapter_dir"] is None:
             rows[-1] += "  (no saved adapter)"
+        elif v["adapter_error"]:
+            rows[-1] += f"  (adapter not loaded: {v['adapter_error']})"
     return "\n".join(rows)

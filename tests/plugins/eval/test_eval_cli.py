@@ -39,7 +39,21 @@ def test_eval_reads_saved_adapters_and_matches_training(make_config, host, tmp_p
 
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
-    assert "qa/eval_accuracy" in acc.Tags()["scalars"]
+    points = [(e.step, round(e.value, 6)) for e in acc.Scalars("qa/eval_accuracy")]
+    before = (0, round(trained["qa"]["accuracy_before"], 6))
+    after = (trained["qa"]["steps"], round(trained["qa"]["accuracy_after"], 6))
+    assert sorted(points) == sorted([before, after, before, after])  # training's points, then eval's again
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["phase"] for e in events if e["event"] == "evaluation"][-2:] == ["before", "after"]  # eval appended
+
+    # an adapter that cannot be loaded is reported as such; the others are still measured
+    config_file = out / "plain" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dora": True}))
+    assert main(["eval", str(config_path)]) == 1
+    assert "adapter not loaded" in capsys.readouterr().out
+    again = json.loads((out / "eval.json").read_text())["jobs"]
+    assert "use_dora=True" in again["plain"]["adapter_error"] and again["plain"]["eval_loss"] is None
+    assert again["qa"]["adapter_error"] is None and again["qa"]["accuracy"] == result["jobs"]["qa"]["accuracy"]
 
 
 def test_eval_without_saved_adapters_says_what_to_do(make_config, data_dir, capsys):
