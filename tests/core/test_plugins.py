@@ -311,3 +311,38 @@ def test_a_monitor_with_a_misspelt_event_method_is_refused(make_config, data_dir
     with pytest.raises(PluginError, match="monitor:typo.*mlora_on_stepend"):
         run(config, host)
     assert not [name for name, _ in host.pm.list_name_plugin() if name.startswith("monitor:")]  # not left behind
+
+
+def test_monitors_hear_each_event_in_config_order_before_plugins(make_config, data_dir):
+    heard: list[str] = []
+
+    def recorder(label):
+        class Recorder:
+            def __init__(self, output_dir, resume=False):
+                pass
+
+            @hookimpl
+            def mlora_on_train_start(self):
+                heard.append(label)
+
+            def close(self):
+                pass
+
+        return Recorder
+
+    class Plugin:
+        __name__ = "recorders"
+
+        @hookimpl
+        def mlora_register_monitors(self, register):
+            register("m_b", recorder("m_b"))
+            register("m_a", recorder("m_a"))
+
+        @hookimpl
+        def mlora_on_train_start(self):
+            heard.append("plugin")
+
+    host = create_plugin_manager(autoload=False, extra=[Plugin()])
+    config = load_config(make_config([job("a", data_dir / "a.jsonl", max_steps=1)], monitor={"m_b": {}, "m_a": {}}))
+    run(config, host)
+    assert heard == ["m_b", "m_a", "plugin"]
