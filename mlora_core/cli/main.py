@@ -26,10 +26,12 @@ Commands = dict[str, tuple[argparse.ArgumentParser, Command]]
 
 
 def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, Commands]:
-    """The ``mlora`` parser and one sub-parser per registered command, in registration order.
+    """The ``mlora`` parser, and a parser per registered command, in registration order.
 
-    A third-party command that fails to build its arguments is left out with a warning that
-    names its plugin and distribution; the other commands work.
+    The ``mlora`` parser only lists the commands (``--help``, unknown commands); each
+    command's own parser parses its arguments. A third-party command that fails to build its
+    arguments is left out with a warning that names its plugin and distribution; the other
+    commands work.
     """
     parser = argparse.ArgumentParser(
         prog="mlora", description="Fine-tune many LoRA adapters over one shared base model."
@@ -39,7 +41,8 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, Commands]:
     for name, entry in host.commands.entries.items():
         try:
             command = entry.factory()
-            command.add_arguments(argparse.ArgumentParser(prog=f"mlora {name}"))  # a dry run
+            command_parser = argparse.ArgumentParser(prog=f"mlora {name}", description=command.help)
+            command.add_arguments(command_parser)
         except Exception as exc:
             dist, version = host.distribution_of(entry.plugin)
             if dist == DIST_NAME:
@@ -49,8 +52,7 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, Commands]:
                 stacklevel=2,
             )
             continue
-        command_parser = sub.add_parser(name, help=command.help, description=command.help)
-        command.add_arguments(command_parser)
+        sub.add_parser(name, help=command.help)
         commands[name] = (command_parser, command)
     return parser, commands
 
