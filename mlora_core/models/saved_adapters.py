@@ -48,13 +48,13 @@ def load_adapter(host: PluginHost, model: nn.Module, name: str, directory: str |
 
 def loader_of(host: PluginHost, peft_type: str, name: str) -> str:
     """The one registered adapter type that loads ``peft_type``; raises MloraError otherwise."""
-    types = [
-        n for n, entry in host.adapters.entries.items() if getattr(entry.factory(), "peft_type", None) == peft_type
-    ]
+    declared = {type_name: entry.factory().peft_type for type_name, entry in host.adapters.entries.items()}
+    types = [type_name for type_name, loads in declared.items() if loads == peft_type]
     if len(types) != 1:
-        declared = sorted({str(getattr(e.factory(), "peft_type", None)) for e in host.adapters.entries.values()})
         found = (
-            f"types {types} all declare it" if types else f"no adapter type loads it (declared: {', '.join(declared)})"
+            f"types {types} all declare it"
+            if types
+            else f"no adapter type loads it (declared: {', '.join(sorted(str(v) for v in set(declared.values())))})"
         )
         raise MloraError(f"adapter {name!r}: peft_type {peft_type!r}: {found}")
     return types[0]

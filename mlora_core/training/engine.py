@@ -289,30 +289,29 @@ class Engine:
         after: dict[str, float | None] = {}
         adapter_dir = None
         if save and job.status in (COMPLETED, FAILED):
-            adapter_dir, after, problems = self._save_and_evaluate(job)
-            if problems:
-                earlier = f"{job.progress.error}; " if job.progress.error else ""
-                job.fail(earlier + "; ".join(problems))
+            adapter_dir, after, error = self._save_and_evaluate(job)
+            if error is not None:
+                job.fail(f"{job.progress.error}; {error}" if job.progress.error else error)
         job.release()
         self.results[job.name] = job_entry(job, self.eval_before.get(job.name, {}), after, adapter_dir)
         self.events.job_end(job.name, self.results[job.name])
 
-    def _save_and_evaluate(self, job: Job) -> tuple[str | None, dict[str, float | None], list[str]]:
-        """(adapter dir or None, held-out results, what went wrong) for a job that has ended."""
-        problems: list[str] = []
-        after: dict[str, float | None] = {}
+    def _save_and_evaluate(self, job: Job) -> tuple[str | None, dict[str, float | None], str | None]:
+        """(adapter dir or None, held-out results, what went wrong or None) for a job that has ended."""
         adapter_dir = None
+        doing = "choosing the best adapter"
         try:
             if job.config.train.early_stop is not None and job.history.last_eval_step != job.progress.step:
                 self._evaluate_during([job], final=True)  # the last weights may be the best
             job.use_best()
+            doing = "saving the adapter"
             adapter_dir = self.run_dir.save_adapter(job.name, job.adapter, self.loaded.name_or_path)
+            doing = "held-out evaluation after training"
             after = self.evaluator.metrics([job])[job.name]
-            self.events.evaluation(self.steps, "after", {job.name: (job.progress.step, after)})
         except Exception as exc:  # this job's end failed; the others must not notice
-            what = "saving the adapter" if adapter_dir is None else "held-out evaluation after training"
-            problems.append(f"{what} failed: {exc!r}")
-        return adapter_dir, after, problems
+            return adapter_dir, {}, f"{doing} failed: {exc!r}"
+        self.events.evaluation(self.steps, "after", {job.name: (job.progress.step, after)})
+        return adapter_dir, after, None
 
     def _fail_running(self, reason: str) -> None:
         for job in self.jobs:
@@ -323,10 +322,10 @@ class Engine:
     # --- checkpoints and the end ---------------------------------------------------------------
 
     def _checkpoint(self, train_started: float) -> Path:
-        self.stats.eval_s = self.evaluator.seconds
         self.stats.train_elapsed = time.perf_counter() - train_started
         state = {
             **self.stats.state(),
+            "eval_s": self.evaluator.seconds,
             "steps": self.steps,
             "eval_before": self.eval_before,
             "results": self.results,
@@ -338,7 +337,7 @@ class Engine:
     def _restore(self, directory: Path) -> None:
         state = load_engine_state(directory)
         self.stats = RunStats.from_state(state)
-        self.evaluator.seconds = self.stats.eval_s
+        self.evaluator.seconds = state["eval_s"]
         self.steps = state["steps"]
         self.eval_before, self.results = state["eval_before"], state["results"]
         for rows, length, peak in state["memory"]["observations"]:
@@ -364,12 +363,13 @@ class Engine:
     def _end(self, train_started: float) -> dict[str, Any]:
         """Write summary.json and tell the monitors and hooks the run has ended."""
         now = time.perf_counter()
-        self.stats.eval_s = self.evaluator.seconds
         entries = [
             self.results.get(j.name) or job_entry(j, self.eval_before.get(j.name, {}), {}, None) for j in self.jobs
         ]
+        train_tokens = sum(e["train_tokens"] for e in entries)
+        loop_s = now - train_started
         totals = self.stats.totals(
-            self.device, now - self._started, now - train_started, sum(e["train_tokens"] for e in entries), self.steps
+            self.device, now - self._started, loop_s, self.evaluator.seconds, train_tokens, self.steps
         )
         facts = {
             "output_dir": str(self.run_dir.path),

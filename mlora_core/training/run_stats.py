@@ -20,8 +20,8 @@ class RunStats:
     oom_retries: int = 0
     #: Highest peak of a single step (the per-step resets hide it from ``peak_memory()``).
     peak_bytes: int = 0
-    #: Seconds of held-out evaluation in all, and of the one before training.
-    eval_s: float = 0.0
+    #: Seconds of the held-out evaluation before training (all evaluations: the engine's
+    #: HeldOutEvaluator counts them).
     eval_before_s: float = 0.0
     #: Seconds of training before a resume.
     train_elapsed: float = 0.0
@@ -42,14 +42,17 @@ class RunStats:
             "peak_memory_bytes": peak,
         }
 
-    def totals(self, device: str, wall_s: float, loop_s: float, train_tokens: int, steps: int) -> dict[str, Any]:
-        """summary.json's run totals; ``loop_s`` is the training loop's wall time (evaluations included)."""
-        train_s = loop_s - (self.eval_s - self.eval_before_s)  # held-out evaluation is not training
+    def totals(
+        self, device: str, wall_s: float, loop_s: float, eval_s: float, train_tokens: int, steps: int
+    ) -> dict[str, Any]:
+        """summary.json's run totals; ``loop_s`` is the training loop's wall time (its evaluations
+        included), ``eval_s`` the time of every held-out evaluation."""
+        train_s = loop_s - (eval_s - self.eval_before_s)  # held-out evaluation is not training
         peak_bytes, peak_kind = peak_memory(device)
         return {
             "wall_s": round(wall_s, 3),
             "train_s": round(train_s, 3),
-            "eval_s": round(self.eval_s, 3),
+            "eval_s": round(eval_s, 3),
             "engine_steps": steps,
             "train_tokens": train_tokens,
             "tokens_per_s": train_tokens / train_s if train_s > 0 else 0.0,
