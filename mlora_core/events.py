@@ -24,21 +24,34 @@ from mlora_core.plugin_api.protocols import Monitor
 class RunEvents:
     """Emits a run's events to plugins and monitors alike.
 
+    With ``hold``, a job's ``evaluation`` and ``job_end`` events are held until
+    :meth:`take_pending`: the engine emits them after the step's ``step_end``
+    (:meth:`replay`), gathered from every rank in a distributed run, so the main rank's
+    monitors hear every job whatever rank trained it.
+
     Args:
         host: the plugin host.
         config: the run's config; its ``monitor`` section names the monitors.
         resume: the run continues an earlier one (monitors keep what is in their files).
+        emit: this process reports (false on every rank but the main one: no monitors,
+            no hook calls).
+        hold: hold evaluation and job-end events for :meth:`take_pending`.
     """
 
-    def __init__(self, host: PluginHost, config: MloraConfig, *, resume: bool) -> None:
+    def __init__(
+        self, host: PluginHost, config: MloraConfig, *, resume: bool, emit: bool = True, hold: bool = False
+    ) -> None:
         self.host = host
+        self.emit, self.hold = emit, hold
+        #: Held events: (method name, its arguments).
+        self.pending: list[tuple[str, tuple[Any, ...]]] = []
         #: What every event hook receives as ``run``.
         self.run: dict[str, Any] = {
             "config": to_dict(config),
             "output_dir": config.output_dir,
             "jobs": [j.name for j in config.jobs],
         }
-        named = [(n, options) for n, options in config.monitor.items() if options is not None]
+        named = [(n, options) for n, options in config.monitor.items() if options is not None and emit]
         self.monitors: list[Monitor] = []
         try:
             for name, options in named:
@@ -53,10 +66,12 @@ class RunEvents:
             raise
 
     def train_start(self) -> None:
-        self.host.on_train_start(self.run)
+        if self.emit:
+            self.host.on_train_start(self.run)
 
     def step_end(self, step: int, metrics: JobMetrics, run_metrics: Mapping[str, float]) -> None:
-        self.host.on_step_end(self.run, step, metrics, run_metrics)
+        if self.emit:
+            self.host.on_step_end(self.run, step, metrics, run_metrics)
 
     def evaluation(self, step: int, phase: str, results: Mapping[str, tuple[int, Mapping[str, float | None]]]) -> None:
         """Report held-out results: job -> (the job's optimizer step, {metric: value or None}).
@@ -70,13 +85,35 @@ class RunEvents:
             if found:
                 reported[name] = {**found, "step": job_step}
         if reported:
-            self.host.on_evaluation(self.run, step, phase, reported)
+            self._event("evaluation", (step, phase, reported))
 
     def job_end(self, job: str, result: Mapping[str, Any]) -> None:
-        self.host.on_job_end(self.run, job, result)
+        self._event("job_end", (job, dict(result)))
+
+    def _event(self, kind: str, args: tuple[Any, ...]) -> None:
+        if self.hold:
+            self.pending.append((kind, args))
+        else:
+            self.replay([(kind, args)])
+
+    def take_pending(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """The held events, in order (and forget them)."""
+        pending, self.pending = self.pending, []
+        return pending
+
+    def replay(self, events: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Emit events held by :meth:`take_pending` (on this or another rank)."""
+        if not self.emit:
+            return
+        for kind, args in events:
+            if kind == "evaluation":
+                self.host.on_evaluation(self.run, *args)
+            else:
+                self.host.on_job_end(self.run, *args)
 
     def train_end(self, summary: Mapping[str, Any]) -> None:
-        self.host.on_train_end(self.run, summary)
+        if self.emit:
+            self.host.on_train_end(self.run, summary)
 
     def close(self) -> None:
         """Unregister and close every monitor (once, also after a failed run)."""

@@ -39,8 +39,17 @@ class RunCommand:
         add_config_arguments(parser)
         parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
         parser.add_argument("--overwrite", action="store_true", help="start again in an output_dir that holds a run")
+        parser.add_argument(
+            "--nproc",
+            type=int,
+            default=None,
+            metavar="N",
+            help="train in N local processes (torch.distributed; see the distributed config section)",
+        )
 
     def run(self, args: argparse.Namespace, host: PluginHost) -> int:
+        if args.nproc is not None:
+            return _launch(args)
         from mlora_core.training.engine import Engine
 
         engine = Engine(load_config_arguments(args), host, resume=args.resume, overwrite=args.overwrite)
@@ -95,6 +104,21 @@ class PluginsCommand:
                 dist, version = host.distribution_of(entry.plugin)
                 print(f"  {name:<16} plugin {entry.plugin}, from {dist} {version}".rstrip())
         return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: validate here once, then start N workers running the same command."""
+    from mlora_core.distributed.launch import launch
+    from mlora_core.distributed.world import launched_world_size
+    from mlora_core.errors import MloraError
+
+    if launched_world_size() > 1:
+        raise MloraError("--nproc: this process is already one of several (torchrun); leave --nproc out")
+    if args.nproc < 1:
+        raise MloraError(f"--nproc: must be at least 1, not {args.nproc}")
+    load_config_arguments(args)  # a bad config or override fails here, once
+    flags = [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on]
+    return launch(args.nproc, [args.config, *args.overrides, *flags])
 
 
 def _stop_on_signals(engine: Engine) -> None:

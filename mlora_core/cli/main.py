@@ -13,11 +13,12 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 
-from mlora_core.errors import Interrupted, MloraError
+from mlora_core.errors import ConfigError, Interrupted, MloraError
 from mlora_core.plugin_api.host import DIST_NAME, PluginHost, create_plugin_manager
 from mlora_core.plugin_api.protocols import Command
 
@@ -77,14 +78,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, command = parse(host, args_list)
         return command.run(args, host)
     except Interrupted as exc:
-        print(f"mlora: {exc}", file=sys.stderr)
+        _report(f"mlora: {exc}", repeated=True)
         return 143 if exc.signal_name == "SIGTERM" else 130
     except (MloraError, OSError) as exc:  # OSError: unwritable output dir, full disk, ...
-        print(f"mlora: error: {exc}", file=sys.stderr)
+        _report(f"mlora: error: {exc}", repeated=isinstance(exc, ConfigError))
         return 2
     except KeyboardInterrupt:
         print("mlora: interrupted", file=sys.stderr)
         return 130
+
+
+def _report(message: str, repeated: bool) -> None:
+    """Print an error on stderr; in a distributed run, other ranks than 0 say who they are and
+    leave out what every rank reports alike (``repeated``)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(message, file=sys.stderr)
+    elif not repeated:
+        print(message.replace("mlora:", f"mlora: rank {rank}:", 1), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,21 @@ class SchedulerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the work is split when the run has several processes (``--nproc``, torchrun)."""
+
+    #: auto | jobs | rows. ``jobs``: whole jobs per rank; ``rows``: every rank takes a share
+    #: of every job's rows; ``auto``: ``jobs`` when there are at least as many jobs as ranks.
+    strategy: str = "auto"
+    #: auto | gloo | nccl (auto: nccl on CUDA, gloo otherwise).
+    backend: str = "auto"
+    #: Seconds a rank waits for the others before the run stops with an error.
+    timeout_s: float = 600.0
+    #: Shard the frozen base over the ranks with FSDP2 (not supported yet: refused).
+    shard_base: bool = False
+
+
+@dataclass
 class AdapterConfig:
     type: str = "lora"
     r: int = 8
@@ -134,6 +149,7 @@ class MloraConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     #: Monitor name -> its options; set a monitor to null to turn it off.
     monitor: Dict[str, Any] = field(default_factory=lambda: {"console": {}, "jsonl": {}})
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "out"
     #: Write a checkpoint every this many engine steps (and when a job ends); null: never.
     checkpoint_every: Optional[int] = None
@@ -149,6 +165,8 @@ def torch_dtype(name: str) -> Any:
 
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("fp32", "bf16")
+STRATEGIES = ("auto", "jobs", "rows")
+BACKENDS = ("auto", "gloo", "nccl")
 _SECTIONS = {f.name: f for f in dataclasses.fields(MloraConfig)}
 
 

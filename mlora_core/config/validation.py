@@ -13,7 +13,17 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mlora_core.config.schema import DTYPES, LR_SCHEDULERS, BaseModelConfig, JobConfig, MloraConfig, TrainConfig
+from mlora_core.config.schema import (
+    BACKENDS,
+    DTYPES,
+    LR_SCHEDULERS,
+    STRATEGIES,
+    BaseModelConfig,
+    DistributedConfig,
+    JobConfig,
+    MloraConfig,
+    TrainConfig,
+)
 from mlora_core.errors import ConfigError, MloraError
 from mlora_core.models.paths import resolve_model_path
 from mlora_core.plugin_api.conventions import JOB_NAME, JOB_NAME_RULE, device_problems
@@ -49,6 +59,7 @@ def validate_config(cfg: MloraConfig, host: PluginHost) -> None:
     if cfg.scheduler.type not in host.schedulers:
         problems.append(f"scheduler.type: {host.schedulers.unknown_message(cfg.scheduler.type)}")
     _validate_monitors(cfg, host, problems)
+    problems += [f"distributed.{p}" for p in distributed_problems(cfg.distributed, cfg.base_model.device)]
     problems += _output_dir_problems(cfg.output_dir)
     seen: set[str] = set()
     targets = backend.target_modules if backend is not None else ()
@@ -56,6 +67,25 @@ def validate_config(cfg: MloraConfig, host: PluginHost) -> None:
         _validate_job(job, f"jobs[{i}]", host, cfg.base_model, targets, seen, problems)
     if problems:
         raise ConfigError(problems)
+
+
+def distributed_problems(d: DistributedConfig, device: str) -> list[str]:
+    """Problems of the ``distributed`` section (checked also in single-process runs)."""
+    problems = []
+    if d.strategy not in STRATEGIES:
+        problems.append(f"strategy: {d.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if d.backend not in BACKENDS:
+        problems.append(f"backend: {d.backend!r} is not one of {', '.join(BACKENDS)}")
+    elif d.backend == "nccl" and not device.startswith("cuda"):
+        problems.append(f"backend: nccl needs a CUDA device (base_model.device is {device!r}); use gloo or auto")
+    if not d.timeout_s > 0:
+        problems.append("timeout_s: must be positive")
+    if d.shard_base:
+        problems.append(
+            "shard_base: sharding the base over ranks (FSDP2) is not supported yet; "
+            "use strategy jobs or rows with a base that fits each device (quantize it to fit)"
+        )
+    return problems
 
 
 def _quantization_problems(cfg: MloraConfig) -> list[str]:

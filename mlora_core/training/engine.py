@@ -11,7 +11,9 @@ checkpoints), :class:`~.held_out.HeldOutEvaluator` (held-out metrics), :class:`~
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,42 +21,88 @@ import torch
 
 from mlora_core.config.schema import JobConfig, MloraConfig
 from mlora_core.config.validation import validate_config
+from mlora_core.distributed.strategies import Strategy, choose_strategy, make_strategy
+from mlora_core.distributed.world import World, join_world
 from mlora_core.errors import Interrupted, MloraError
 from mlora_core.events import RunEvents
 from mlora_core.models.loading import load_base_model
 from mlora_core.models.recompute import checkpoint_blocks
 from mlora_core.plugin_api.conventions import pad_token_id
 from mlora_core.plugin_api.host import PluginHost
-from mlora_core.plugin_api.protocols import LoadedModel
+from mlora_core.plugin_api.protocols import LoadedModel, Sample
 from mlora_core.plugin_api.routing import RowRouter
-from mlora_core.plugin_api.scheduling import StepBudget, admit
+from mlora_core.plugin_api.scheduling import StepBudget
 from mlora_core.training.batch import MultiJobBatch, build_batch
 from mlora_core.training.held_out import HeldOutEvaluator, Results
 from mlora_core.training.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
 from mlora_core.training.loss import learned_logits, per_job_loss_sums
 from mlora_core.training.memory import MemoryModel, device_memory_limit, reset_step_peak, step_peak
 from mlora_core.training.run_directory import RunDirectory, load_engine_state, load_job_state
-from mlora_core.training.run_stats import RunStats
+from mlora_core.training.run_stats import RunStats, merge_ranks, step_metrics
 from mlora_core.training.summary import job_entry, run_summary
 from mlora_core.training.utilisation import UtilisationMeter
 
 
+@dataclass
+class StepReport:
+    """What a rank tells the others after each engine step (the per-step control exchange).
+
+    Every field is about the jobs this rank owns; the main rank turns the reports of all
+    ranks into the step's events, and every rank applies the statuses of jobs it does not own.
+    """
+
+    #: Job -> its optimizer-step metrics, for jobs that stepped.
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: This rank's run metrics of the step (None: it trained nothing in it).
+    run: dict[str, float] | None = None
+    #: Job -> (status, error) of every owned job.
+    statuses: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    #: Evaluation and job-end events, in order (:meth:`RunEvents.take_pending`).
+    events: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    #: summary.json entries of owned jobs that ended.
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Held-out metrics before training of owned jobs.
+    eval_before: Results = field(default_factory=dict)
+    #: Remaining tokens of owned live jobs (placement of later jobs).
+    work: dict[str, int] = field(default_factory=dict)
+    #: A stop signal this rank received.
+    stop: str | None = None
+
+
 class Engine:
-    """Trains every job of a config together over one base model."""
+    """Trains every job of a config together over one base model.
+
+    In a distributed run (``mlora run --nproc N``, torchrun) every rank runs this engine in
+    lockstep; the :class:`~mlora_core.distributed.strategies.Strategy` says which jobs and
+    rows each rank trains, and the ranks exchange a :class:`StepReport` after each step.
+    """
 
     def __init__(self, config: MloraConfig, host: PluginHost, *, resume: bool = False, overwrite: bool = False) -> None:
         validate_config(config, host)  # before anything loads or is written
+        self.world: World = join_world(config.distributed, config.base_model.device)
+        self.device = self.world.device(config.base_model.device)
+        if self.device != config.base_model.device:
+            config = dataclasses.replace(config, base_model=dataclasses.replace(config.base_model, device=self.device))
         self.config, self.host = config, host
-        self.device = config.base_model.device
         self.resume, self.overwrite = resume, overwrite
         self.resumed = False
+        #: A stop signal this process received, and the first one any rank received (known to
+        #: every rank after the same exchange).
         self.stop_signal: str | None = None
+        self.stop_agreed: str | None = None
         self.run_dir = RunDirectory(Path(config.output_dir))
         self.router = RowRouter()
         self.scheduler = host.schedulers.create(config.scheduler.type, config=config.scheduler)
+        name = choose_strategy(config.distributed.strategy, len(config.jobs), self.world.size)
+        orders = {jc.name: i for i, jc in enumerate(config.jobs)}
+        self.strategy: Strategy = make_strategy(name, self.world, orders, config.scheduler.max_concurrent_jobs)
         limit = config.scheduler.memory_limit
         self.memory = MemoryModel(limit=(device_memory_limit(self.device) if limit is None else limit) or None)
-        self.budget = StepBudget(max_tokens=config.scheduler.max_tokens_per_step, fits=self.memory.fits)
+        tokens = config.scheduler.max_tokens_per_step
+        self.budget = StepBudget(
+            max_tokens=tokens * self.strategy.step_ranks if tokens else None,
+            fits=lambda rows, width: self.memory.fits(self.strategy.rows_per_rank(rows), width),
+        )
         self.utilisation = UtilisationMeter(self.device)
         self.stats = RunStats()
         self.steps = 0
@@ -63,18 +111,24 @@ class Engine:
         #: job -> {"eval_loss": ..., "accuracy": ...} before training (None: not measured)
         self.eval_before: Results = {}
         self.jobs: list[Job] = []
+        self.report = StepReport()
+        #: Highest step peak of each rank.
+        self.rank_peaks = [0] * self.world.size
 
     # --- set-up ---------------------------------------------------------------------------
 
     def setup(self) -> None:
         """Load the base model, attach every job's adapter, resume if asked, start the monitors."""
         self._started = time.perf_counter()
-        checkpoint = self.run_dir.claim(resume=self.resume, overwrite=self.overwrite)
+        claim = lambda: self.run_dir.claim(resume=self.resume, overwrite=self.overwrite)  # noqa: E731
+        checkpoint = self.world.on_main(claim)  # one rank clears an earlier run
         self._load()
         self.run_dir.create()
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.events = RunEvents(self.host, self.config, resume=self.resumed)
+        self.events = RunEvents(self.host, self.config, resume=self.resumed, emit=self.world.is_main, hold=True)
+        if self.world.distributed and self.world.is_main:
+            print(f"mlora: {self.world.size} ranks ({self.world.backend}), strategy {self.strategy.name!r}", flush=True)
 
     def _load(self) -> None:
         self.loaded: LoadedModel = load_base_model(self.host, self.config.base_model)
@@ -101,8 +155,11 @@ class Engine:
 
     def run(self) -> dict[str, Any]:
         """:meth:`setup`, then :meth:`train`."""
-        self.setup()
-        return self.train()
+        try:
+            self.setup()
+            return self.train()
+        finally:
+            self.world.close()
 
     def request_stop(self, signal_name: str) -> None:
         """Stop at the next step boundary, after checkpointing every unfinished job."""
@@ -120,9 +177,10 @@ class Engine:
             try:
                 self._loop(train_started)
             except BaseException as exc:  # record every job's state, then let it propagate
-                if not isinstance(exc, Interrupted):
-                    self._fail_running("interrupted" if isinstance(exc, KeyboardInterrupt) else f"run failed: {exc!r}")
-                self._end(train_started)
+                together = isinstance(exc, Interrupted)  # every rank stopped at the same step
+                if not together:
+                    self._fail_running("interrupted" if isinstance(exc, KeyboardInterrupt) else f"run failed: {exc}")
+                self._end(train_started, together=together)
                 raise
             return self._end(train_started)
         finally:
@@ -130,46 +188,65 @@ class Engine:
 
     def _loop(self, train_started: float) -> None:
         while live := [j for j in self.jobs if j.status == RUNNING]:
-            if self.stop_signal:
-                raise Interrupted(self.stop_signal, self._interrupt(train_started))
-            finished = self._step(live)
+            if not self.world.distributed:
+                self.stop_agreed = self.stop_signal
+            if self.stop_agreed:  # every rank learns of a stop at the same exchange
+                raise Interrupted(self.stop_agreed, self._interrupt(train_started))
+            self._step(live)
+            ended = any(j.status != RUNNING for j in live)  # the same on every rank
             every = self.config.checkpoint_every
-            if every and (finished or self.steps % every == 0):
+            if every and (ended or self.steps % every == 0):
                 self._checkpoint(train_started)
 
-    def _step(self, live: list[Job]) -> bool:
-        """One engine step, top to bottom; returns whether a job ended in it."""
+    def _step(self, live: list[Job]) -> None:
+        """One engine step, top to bottom, then the exchange with the other ranks."""
         planned = self._plan(live)
+        self.steps += 1
+        if planned:
+            self._train_step(planned)
+        self._exchange(step_ran=True)
+
+    def _train_step(self, planned: list[tuple[Job, int]]) -> None:
         chosen = [job for job, _ in planned]
         started = time.perf_counter()
         self.utilisation.start()
-        batch = build_batch([(job.name, job.take(rows)) for job, rows in planned], self.pad_id).to(self.device)
+        parts = [(job.name, self.strategy.my_rows(job.take(rows))) for job, rows in planned]
+        batch = self._batch(parts)
         reset_step_peak(self.device)
+        out_of_memory = False
         try:
-            losses = self._forward_backward(chosen, batch)
+            losses = self._forward_backward(batch)
         except torch.OutOfMemoryError:
+            losses, out_of_memory = {}, True
+        totals = self._step_totals(chosen, batch, losses, out_of_memory)
+        if totals is None:
             self._recover_from_oom(chosen, batch)
-            return False
+            return
         seconds = time.perf_counter() - started
-        run_metrics = self._record_step(chosen, batch, seconds)
-        job_metrics = self._step_optimizers(chosen, batch, losses, seconds)
-        self.steps += 1
-        self.events.step_end(self.steps, job_metrics, run_metrics)
-        self._evaluate_during([job for job in chosen if job.eval_due()])
-        ended = [job for job in chosen if job.status != RUNNING]
-        for job in ended:
-            self._finish(job)
-        return bool(ended)
+        if batch is not None:
+            self.report.run = self._record_step(chosen, batch, seconds)
+        self.report.metrics |= self._step_optimizers(chosen, totals, seconds)
+        owned = [job for job in chosen if self.strategy.owns(job.name)]
+        self._evaluate_during([job for job in owned if job.eval_due()])
+        for job in chosen:
+            if job.status != RUNNING:
+                self._finish(job)
 
     # --- the parts of a step ----------------------------------------------------------------
 
     def _plan(self, live: list[Job]) -> list[tuple[Job, int]]:
-        """Admit jobs by priority and ask the scheduler for this step's rows per job."""
+        """Admit jobs by priority and ask the scheduler for this step's rows per job.
+
+        Every rank computes the same ready jobs; the strategy gives this rank's share (an
+        empty plan: this rank trains nothing this step).
+        """
         ready = [j for j in live if j.start_step <= self.steps]
         if not ready:  # every live job starts later: skip ahead to the first start
             self.steps = min(j.start_step for j in live)
             ready = [j for j in live if j.start_step <= self.steps]
-        admitted = admit(ready, self.config.scheduler.max_concurrent_jobs)
+        admitted = self.strategy.admit(ready)
+        if not admitted:
+            return []
         plan = dict(self.scheduler.plan(admitted, self.budget))
         unknown = set(plan) - {j.name for j in admitted}
         if not plan or unknown:
@@ -182,83 +259,191 @@ class Engine:
         by_name = {j.name: j for j in admitted}
         return [(by_name[name], rows) for name, rows in plan.items()]
 
-    def _forward_backward(self, chosen: list[Job], batch: MultiJobBatch) -> dict[str, torch.Tensor]:
-        """One forward over all rows, per-job losses, one backward of their sum."""
+    def _batch(self, parts: list[tuple[str, list[Sample]]]) -> MultiJobBatch | None:
+        """This rank's rows of the step as one batch (None: it has no rows this step)."""
+        local = [(name, samples) for name, samples in parts if samples]
+        return build_batch(local, self.pad_id).to(self.device) if local else None
+
+    def _forward_backward(self, batch: MultiJobBatch | None) -> dict[str, tuple[torch.Tensor, int]]:
+        """One forward over this rank's rows, per-job losses, one backward of their finite sum.
+
+        Returns per job: (its rows' share of the optimizer batch's loss, their non-pad tokens).
+        """
+        if batch is None:
+            return {}
         with self.router.route(batch.segments):
             logits = learned_logits(self.loaded, batch)  # (learned positions, V)
         sums = per_job_loss_sums(batch, logits)  # job -> (loss sum, learned tokens)
+        by_name = {j.name: j for j in self.jobs}
         losses = {}
-        for job in chosen:
-            loss = job.scale_loss(sums[job.name][0])
-            if torch.isfinite(loss):
-                losses[job.name] = loss
-            else:
-                job.fail(f"loss became {loss.item()} at step {job.progress.step + 1}", revert=True)
-        if losses:
-            torch.stack(list(losses.values())).sum().backward()  # type: ignore[no-untyped-call]
+        for seg in batch.segments:
+            assert seg.adapter is not None
+            loss = by_name[seg.adapter].scale_loss(sums[seg.adapter][0])
+            losses[seg.adapter] = (loss, int(batch.attention_mask[seg.start : seg.stop].sum()))
+        finite = [loss for loss, _ in losses.values() if torch.isfinite(loss)]
+        if finite:
+            torch.stack(finite).sum().backward()  # type: ignore[no-untyped-call]
         return losses
 
+    def _step_totals(
+        self,
+        chosen: list[Job],
+        batch: MultiJobBatch | None,
+        losses: dict[str, tuple[torch.Tensor, int]],
+        out_of_memory: bool,
+    ) -> dict[str, tuple[float, int]] | None:
+        """Per job: (loss, non-pad tokens) of the step over every rank; None: a rank ran out of memory.
+
+        Under ``rows`` this is the step's one collective: the values are summed over the ranks,
+        so every rank sees the same losses (and fails a diverging job at the same step).
+        """
+        n = len(chosen)
+        values = torch.zeros(2 * n + 2, dtype=torch.float64)
+        for i, job in enumerate(chosen):
+            if job.name in losses:
+                local_loss, tokens = losses[job.name]
+                values[i], values[n + i] = local_loss.detach().double().cpu(), tokens
+        values[2 * n] = float(out_of_memory)
+        values[2 * n + 1] = float(out_of_memory and batch is not None and batch.input_ids.shape[0] == 1)
+        values = self.strategy.reduce_step(values)
+        if values[2 * n] > 0:
+            self._oom_on_one_row = bool(values[2 * n + 1] > 0)
+            return None
+        totals: dict[str, tuple[float, int]] = {}
+        for i, job in enumerate(chosen):
+            loss = float(values[i])
+            if torch.isfinite(values[i]):
+                totals[job.name] = (loss, int(values[n + i]))
+            else:
+                job.fail(f"loss became {loss} at step {job.progress.step + 1}", revert=True)
+        return totals
+
     def _record_step(self, chosen: list[Job], batch: MultiJobBatch, seconds: float) -> dict[str, float]:
-        """The step's peak memory and tokens into the memory model and the totals; its run metrics."""
+        """The step's peak memory into the memory model; this rank's run metrics of the step."""
         rows, width = batch.input_ids.shape
         peak = step_peak(self.device)
         self.memory.observe(rows, width, peak)
         for job in chosen:
             job.progress.peak_memory_bytes = max(job.progress.peak_memory_bytes, peak)
-        return {**self.stats.record_step(batch, peak, seconds), **self.utilisation.read(seconds)}
+        return {**step_metrics(batch, peak, seconds), **self.utilisation.read(seconds)}
 
     def _step_optimizers(
-        self, chosen: list[Job], batch: MultiJobBatch, losses: dict[str, torch.Tensor], seconds: float
+        self, chosen: list[Job], totals: dict[str, tuple[float, int]], seconds: float
     ) -> dict[str, dict[str, float]]:
-        """Each job that took part records its rows; those whose optimizer batch is complete step."""
+        """Each job that took part records its rows; those whose optimizer batch is complete step.
+
+        Returns the metrics of the owned jobs that stepped.
+        """
+        stepping = []
+        for job in chosen:
+            if job.name in totals:
+                job.record_rows(*totals[job.name], seconds)
+                if job.batch_complete:
+                    stepping.append(job)
+        self.strategy.reduce_gradients(stepping)
         metrics: dict[str, dict[str, float]] = {}
-        for job, seg in zip(chosen, batch.segments, strict=True):
-            if job.name not in losses:
-                continue
-            job.record_rows(losses[job.name].item(), int(batch.attention_mask[seg.start : seg.stop].sum()), seconds)
-            if not job.batch_complete:
-                continue
+        for job in stepping:
             try:
-                metrics[job.name] = job.optimizer_step()
+                step_metrics_ = job.optimizer_step()
             except FloatingPointError as exc:
                 job.fail(f"{exc} at step {job.progress.step + 1}")
+                continue
+            if self.strategy.owns(job.name):
+                metrics[job.name] = step_metrics_
         return metrics
 
-    def _recover_from_oom(self, chosen: list[Job], batch: MultiJobBatch) -> None:
-        """Out of memory mid-step: redo the jobs' current optimizer batches in smaller steps.
+    def _recover_from_oom(self, chosen: list[Job], batch: MultiJobBatch | None) -> None:
+        """Out of memory mid-step (on any rank): redo the jobs' current optimizer batches in
+        smaller steps.
 
         Rewinding a job's whole optimizer batch drops any half-accumulated gradient, so the
         result equals a run that never ran out of memory.
         """
-        rows, width = batch.input_ids.shape
+        if batch is not None:
+            rows, width = batch.input_ids.shape
+            self.memory.record_oom(rows, width)
         del batch
-        self.memory.record_oom(rows, width)
         for job in chosen:
             job.rewind_batch()
-            if rows == 1:
-                job.fail(f"out of memory on a single row of {width} tokens")
+            if self._oom_on_one_row:
+                job.fail("out of memory on a single row")
                 self._finish(job)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.stats.oom_retries += 1
 
+    # --- the exchange between ranks -----------------------------------------------------------
+
+    def _exchange(self, step_ran: bool) -> None:
+        """Share this rank's :class:`StepReport`, apply the others', emit the step's events.
+
+        In a single process this only emits the events; in a distributed run it is the one
+        control message per step, and every rank leaves it knowing every job's status.
+        """
+        report = self.report
+        self.report = StepReport()
+        report.events = self.events.take_pending()
+        report.stop = self.stop_signal
+        for job in self.jobs:
+            if self.strategy.owns(job.name):
+                report.statuses[job.name] = (job.status, job.progress.error)
+                if job.status == RUNNING:
+                    report.work[job.name] = job.remaining_tokens
+        reports = self.world.all_gather(report)
+        for r in reports:
+            self.results |= r.results
+            self.eval_before |= r.eval_before
+            self.strategy.work |= r.work
+            self.stop_agreed = self.stop_agreed or r.stop
+        self._apply_statuses(reports)
+        ran = [r.run for r in reports if r.run is not None]
+        for rank, r in enumerate(reports):
+            if r.run is not None:
+                self.rank_peaks[rank] = max(self.rank_peaks[rank], int(r.run["peak_memory_bytes"]))
+        if step_ran and ran:
+            run_metrics = merge_ranks(ran)
+            self.stats.record_step(run_metrics)
+            metrics = {name: m for r in reports for name, m in r.metrics.items()}
+            self.events.step_end(self.steps, metrics, run_metrics)
+        for r in reports:
+            self.events.replay(r.events)
+
+    def _apply_statuses(self, reports: list[StepReport]) -> None:
+        """Jobs owned elsewhere take their owner's status; those that ended are freed here."""
+        by_name = {j.name: j for j in self.jobs}
+        for r in reports:
+            for name, (status, error) in r.statuses.items():
+                job = by_name[name]
+                if self.strategy.owns(name) or job.status == status:
+                    continue
+                job.progress.status, job.progress.error = status, error
+                if status != RUNNING:
+                    job.release()
+        for job in self.jobs:  # a job placed on another rank is not kept here
+            if job.status == RUNNING and job.params and not self.strategy.holds(job.name):
+                job.release()
+
     # --- held-out evaluation ----------------------------------------------------------------
 
     def _evaluate_before(self) -> None:
-        """Every job's held-out metrics before training; a job whose evaluation raises fails alone."""
+        """Held-out metrics of the owned jobs before training; a job whose evaluation raises fails alone."""
+        owned = [j for j in self.jobs if self.strategy.owns(j.name)]
         try:
-            self.eval_before = self.evaluator.metrics(self.jobs)
+            before = self.evaluator.metrics(owned)
         except Exception:  # find the job at fault: evaluate each alone
-            self.eval_before = {}
-            for job in self.jobs:
+            before = {}
+            for job in owned:
                 try:
-                    self.eval_before |= self.evaluator.metrics([job])
+                    before |= self.evaluator.metrics([job])
                 except Exception as exc:
                     job.fail(f"held-out evaluation before training failed: {exc!r}")
                     self._finish(job, save=False)
+        self.eval_before |= before
+        self.report.eval_before = before
         self.stats.eval_before_s = self.evaluator.seconds
-        measured = [j for j in self.jobs if j.name in self.eval_before]
-        self.events.evaluation(0, "before", {j.name: (0, self.eval_before[j.name]) for j in measured})
+        measured = [j for j in owned if j.name in before]
+        self.events.evaluation(0, "before", {j.name: (0, before[j.name]) for j in measured})
+        self._exchange(step_ran=False)
 
     def _evaluate_during(self, jobs: list[Job], final: bool = False) -> None:
         """``eval_every``: held-out loss of the current weights, fed to early stopping.
@@ -280,12 +465,15 @@ class Engine:
     # --- a job's end -------------------------------------------------------------------------
 
     def _finish(self, job: Job, save: bool = True) -> None:
-        """Save and evaluate a job that has ended, then free it.
+        """Save and evaluate a job that has ended (on its owner), then free it.
 
         A failed job keeps its last good adapter (the weights before the step that broke it),
         saved and evaluated like a completed one; its status and error say what happened.
         If saving or evaluating raises, the job fails with that error and the run goes on.
         """
+        if not self.strategy.owns(job.name):
+            job.release()
+            return
         after: dict[str, float | None] = {}
         adapter_dir = None
         if save and job.status in (COMPLETED, FAILED):
@@ -293,8 +481,12 @@ class Engine:
             if error is not None:
                 job.fail(f"{job.progress.error}; {error}" if job.progress.error else error)
         job.release()
-        self.results[job.name] = job_entry(job, self.eval_before.get(job.name, {}), after, adapter_dir)
+        self._record_result(job, after, adapter_dir)
         self.events.job_end(job.name, self.results[job.name])
+
+    def _record_result(self, job: Job, after: dict[str, float | None], adapter_dir: str | None) -> None:
+        self.results[job.name] = job_entry(job, self.eval_before.get(job.name, {}), after, adapter_dir)
+        self.report.results[job.name] = self.results[job.name]
 
     def _save_and_evaluate(self, job: Job) -> tuple[str | None, dict[str, float | None], str | None]:
         """(adapter dir or None, held-out results, what went wrong or None) for a job that has ended."""
@@ -317,11 +509,14 @@ class Engine:
         for job in self.jobs:
             if job.status == RUNNING:
                 job.fail(reason)
-                self._finish(job, save=False)
+                job.release()
+                self._record_result(job, {}, None)
+                self.events.job_end(job.name, self.results[job.name])
 
     # --- checkpoints and the end ---------------------------------------------------------------
 
     def _checkpoint(self, train_started: float) -> Path:
+        """Checkpoint every unfinished job and the engine (every rank calls this at the same step)."""
         self.stats.train_elapsed = time.perf_counter() - train_started
         state = {
             **self.stats.state(),
@@ -331,8 +526,14 @@ class Engine:
             "results": self.results,
             "memory": {"observations": self.memory.observations, "oom_tokens": self.memory.oom_tokens},
         }
-        running = [j for j in self.jobs if j.status == RUNNING]
-        return self.run_dir.save_checkpoint(self.steps, state, running)
+        tmp = self.world.on_main(lambda: self.run_dir.begin_checkpoint(self.steps))
+        for job in self.jobs:
+            if job.status == RUNNING:
+                grads = self.strategy.checkpoint_gradients(job)
+                if self.strategy.owns(job.name):
+                    self.run_dir.write_job(tmp, job, grads)
+        self.world.barrier()
+        return self.world.on_main(lambda: self.run_dir.commit_checkpoint(tmp, state))
 
     def _restore(self, directory: Path) -> None:
         state = load_engine_state(directory)
@@ -348,7 +549,8 @@ class Engine:
                 job.progress.status = self.results[job.name]["status"]
                 job.release()
             else:
-                job.restore(*load_job_state(directory, job.name))
+                gradients = self.strategy.keeps_restored_gradients(job.name)
+                job.restore(*load_job_state(directory, job.name), gradients=gradients)
         self.resumed = True
 
     def _interrupt(self, train_started: float) -> str:
@@ -356,12 +558,21 @@ class Engine:
         where = self._checkpoint(train_started)
         for job in self.jobs:
             if job.status == RUNNING:
-                job.progress.status, job.progress.error = INTERRUPTED, f"stopped by {self.stop_signal}"
-                self.results[job.name] = job_entry(job, self.eval_before.get(job.name, {}), {}, None)
-        return f"stopped by {self.stop_signal} at step {self.steps}; checkpoint in {where}; continue with --resume"
+                job.progress.status, job.progress.error = INTERRUPTED, f"stopped by {self.stop_agreed}"
+                if self.strategy.owns(job.name):
+                    self._record_result(job, {}, None)
+        return f"stopped by {self.stop_agreed} at step {self.steps}; checkpoint in {where}; continue with --resume"
 
-    def _end(self, train_started: float) -> dict[str, Any]:
-        """Write summary.json and tell the monitors and hooks the run has ended."""
+    def _end(self, train_started: float, together: bool = True) -> dict[str, Any]:
+        """Write summary.json and tell the monitors and hooks the run has ended.
+
+        ``together``: every rank got here at the same step (the last exchange gathers every
+        job's result); otherwise this rank writes what it knows (the run failed).
+        """
+        if together:
+            self._exchange(step_ran=False)
+        else:
+            self.events.replay(self.events.take_pending())
         now = time.perf_counter()
         entries = [
             self.results.get(j.name) or job_entry(j, self.eval_before.get(j.name, {}), {}, None) for j in self.jobs
@@ -371,13 +582,22 @@ class Engine:
         totals = self.stats.totals(
             self.device, now - self._started, loop_s, self.evaluator.seconds, train_tokens, self.steps
         )
-        facts = {
+        facts: dict[str, Any] = {
             "output_dir": str(self.run_dir.path),
             "base_model": {"backend": self.config.base_model.backend, **self.loaded.info},
             "scheduler": self.config.scheduler.type,
         }
+        if self.world.distributed:
+            facts["distributed"] = {
+                "world_size": self.world.size,
+                "strategy": self.strategy.name,
+                "backend": self.world.backend,
+                "placement": self.strategy.placement(),
+                "peak_memory_bytes": self.rank_peaks,
+            }
         summary = run_summary(facts, totals, entries)
-        self.run_dir.write_summary(summary)
+        if self.world.is_main:
+            self.run_dir.write_summary(summary)
         self.events.train_end(summary)
         return summary
 

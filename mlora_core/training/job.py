@@ -226,16 +226,22 @@ class Job:
 
     # --- checkpoints ----------------------------------------------------------------------
 
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, JSON-able state) that :meth:`restore` turns back into this exact job."""
+    def checkpoint_state(
+        self, grads: list[torch.Tensor | None] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able state) that :meth:`restore` turns back into this exact job.
+
+        ``grads``: the accumulated gradients to store (default: the parameters' own).
+        """
         assert self.optimizer is not None and self.lr_schedule is not None
         best = self.early_stopping.best_weights
+        grads = [p.grad for p in self.params] if grads is None else grads
         tensors: dict[str, torch.Tensor] = {}
         for i, param in enumerate(self.params):
             tensors[f"param.{i}"] = param.detach().cpu().clone()
             tensors[f"last_good.{i}"] = self._last_good[i].cpu()
-            if param.grad is not None:
-                tensors[f"grad.{i}"] = param.grad.detach().cpu().clone()
+            if grads[i] is not None:
+                tensors[f"grad.{i}"] = grads[i].detach().cpu().clone()  # type: ignore[union-attr]
             if best is not None:
                 tensors[f"best.{i}"] = best[i].cpu()
         optimizer = self.optimizer.state_dict()
@@ -253,8 +259,12 @@ class Job:
         }
         return tensors, state
 
-    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Continue from :meth:`checkpoint_state`'s output (same config and data)."""
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], gradients: bool = True) -> None:
+        """Continue from :meth:`checkpoint_state`'s output (same config and data).
+
+        ``gradients``: take the stored accumulated gradients (false: start them at zero, on
+        every rank but one of those sharing the job's rows).
+        """
         assert self.optimizer is not None and self.lr_schedule is not None
         if state["batches"] != self.batches:
             raise MloraError(f"job {self.name!r}: its data or training settings changed since the checkpoint")
@@ -262,7 +272,7 @@ class Job:
             for i, param in enumerate(self.params):
                 param.copy_(tensors[f"param.{i}"])
                 self._last_good[i] = tensors[f"last_good.{i}"].to(param.device)
-                grad = tensors.get(f"grad.{i}")
+                grad = tensors.get(f"grad.{i}") if gradients else None
                 param.grad = None if grad is None else grad.to(param.device)
         if "best.0" in tensors:
             self.early_stopping.best_weights = [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(self.params)]

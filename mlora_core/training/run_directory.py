@@ -4,7 +4,8 @@
 adapter (through a temporary directory, so a crash never leaves half an adapter under the
 job's name), summary.json, and the checkpoints that let a run continue exactly.
 
-Checkpoints are safetensors + JSON, written atomically. Layout under
+Checkpoints are safetensors + JSON, written atomically, and do not depend on how many
+processes wrote them: a job's accumulated gradients are stored summed over the ranks. Layout under
 ``<output_dir>/checkpoints/``::
 
     latest.json                 {"dir": "step-00000042"}: the newest complete checkpoint
@@ -15,8 +16,9 @@ Checkpoints are safetensors + JSON, written atomically. Layout under
                                 LR schedule, optimizer hyper-parameters, running totals
       <job>.safetensors         adapter weights, their accumulated gradients, AdamW moments
 
-A checkpoint is written into ``step-N.tmp/``, every file flushed to disk, the directory
-renamed to ``step-N/`` and only then ``latest.json`` replaced (itself through a temporary
+A checkpoint is written into ``step-N.tmp/`` (each job's files by the rank that owns the
+job), every file flushed to disk, the directory renamed to ``step-N/`` and only then
+``latest.json`` replaced (itself through a temporary
 file), so a crash at any moment leaves the previous checkpoint intact and named. Nothing
 is ever read with pickle.
 """
@@ -94,35 +96,42 @@ class RunDirectory:
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / SUMMARY, summary)
 
-    def save_checkpoint(self, step: int, engine_state: dict[str, Any], jobs: list[Job]) -> Path:
-        """Checkpoint ``jobs`` (the unfinished ones) and the engine; see :func:`save_checkpoint`."""
-        return save_checkpoint(self.path, step, engine_state, jobs)
+    # --- checkpoints, in three phases (several ranks write one checkpoint) -----------------
 
+    def begin_checkpoint(self, step: int) -> Path:
+        """An empty ``step-N.tmp/`` for a checkpoint at engine step ``step`` (one rank calls this)."""
+        tmp = self.path / CHECKPOINTS / f"step-{step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
 
-def save_checkpoint(out: Path, step: int, engine_state: dict[str, Any], jobs: list[Job]) -> Path:
-    """Write a checkpoint of ``jobs`` (the unfinished ones) and the engine; returns its directory."""
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({"rng": torch.get_rng_state()}, str(tmp / "engine.safetensors"))
-    _write_json(tmp / "engine.json", engine_state)
-    for job in jobs:
-        tensors, state = job.checkpoint_state()
+    def write_job(self, tmp: Path, job: Job, grads: list[torch.Tensor | None]) -> None:
+        """Write an unfinished job's state into ``tmp``, with ``grads`` as its accumulated gradients."""
+        tensors, state = job.checkpoint_state(grads)
         save_file(tensors, str(tmp / f"{job.name}.safetensors"))
         _write_json(tmp / f"{job.name}.json", state)
-    for path in tmp.iterdir():
-        _fsync(path)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync(root)
-    write_json_atomic(root / "latest.json", {"dir": final.name, "step": step})
-    for old in root.glob("step-*"):
-        if old.is_dir() and old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+        _fsync(tmp / f"{job.name}.safetensors")
+        _fsync(tmp / f"{job.name}.json")
+
+    def commit_checkpoint(self, tmp: Path, engine_state: dict[str, Any]) -> Path:
+        """Add the engine's state to ``tmp`` and make it the newest checkpoint; returns its directory.
+
+        Every job's files must be in ``tmp`` already (written by whichever ranks own them).
+        """
+        root = tmp.parent
+        final = root / tmp.name.removesuffix(".tmp")
+        save_file({"rng": torch.get_rng_state()}, str(tmp / "engine.safetensors"))
+        _write_json(tmp / "engine.json", engine_state)
+        for path in (tmp / "engine.safetensors", tmp / "engine.json", tmp):
+            _fsync(path)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(root)
+        write_json_atomic(root / "latest.json", {"dir": final.name, "step": int(final.name.split("-")[1])})
+        for old in root.glob("step-*"):
+            if old.is_dir() and old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,21 +27,11 @@ class RunStats:
     #: Seconds of training before a resume.
     train_elapsed: float = 0.0
 
-    def record_step(self, batch: MultiJobBatch, peak: int, seconds: float) -> dict[str, float]:
-        """Add a step's tokens and peak; returns the step's run metrics (utilisation not included)."""
-        rows, width = batch.input_ids.shape
-        real = int(batch.attention_mask.sum())
-        self.padded_tokens += rows * width
-        self.real_tokens += real
-        self.peak_bytes = max(self.peak_bytes, peak)
-        return {
-            "step_time_s": seconds,
-            "rows": rows,
-            "tokens": rows * width,
-            "real_tokens": real,
-            "padding_fraction": 1 - real / (rows * width),
-            "peak_memory_bytes": peak,
-        }
+    def record_step(self, metrics: Mapping[str, float]) -> None:
+        """Add a step's tokens and peak (its run metrics, from every rank: :func:`merge_ranks`)."""
+        self.padded_tokens += int(metrics["tokens"])
+        self.real_tokens += int(metrics["real_tokens"])
+        self.peak_bytes = max(self.peak_bytes, int(metrics["peak_memory_bytes"]))
 
     def totals(
         self, device: str, wall_s: float, loop_s: float, eval_s: float, train_tokens: int, steps: int
@@ -68,3 +59,36 @@ class RunStats:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> RunStats:
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+
+def step_metrics(batch: MultiJobBatch, peak: int, seconds: float) -> dict[str, float]:
+    """One process's run metrics of a step (utilisation not included)."""
+    rows, width = batch.input_ids.shape
+    real = int(batch.attention_mask.sum())
+    return {
+        "step_time_s": seconds,
+        "rows": rows,
+        "tokens": rows * width,
+        "real_tokens": real,
+        "padding_fraction": 1 - real / (rows * width),
+        "peak_memory_bytes": peak,
+    }
+
+
+def merge_ranks(per_rank: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """A step's run metrics over the ranks that ran it: tokens and rows add up, the step takes
+    as long as its slowest rank, peaks are the highest, utilisation the mean."""
+    if len(per_rank) == 1:
+        return dict(per_rank[0])
+    merged = {
+        "step_time_s": max(m["step_time_s"] for m in per_rank),
+        "rows": sum(m["rows"] for m in per_rank),
+        "tokens": sum(m["tokens"] for m in per_rank),
+        "real_tokens": sum(m["real_tokens"] for m in per_rank),
+        "peak_memory_bytes": max(m["peak_memory_bytes"] for m in per_rank),
+    }
+    merged["padding_fraction"] = 1 - merged["real_tokens"] / merged["tokens"]
+    for key in {k for m in per_rank for k in m if k.endswith("_utilisation")}:
+        values = [m[key] for m in per_rank if key in m]
+        merged[key] = sum(values) / len(values)
+    return merged
