@@ -3,7 +3,9 @@
 The same launcher ``torchrun`` uses (c10d rendezvous on this host, no restarts): each
 worker is ``python -m mlora_core.cli.main run CONFIG ...`` with ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` and the rendezvous in its environment. When a worker dies the launcher stops
-the others; this module turns its report into one line naming the rank.
+the others; this module turns its report into one line naming the rank. A SIGINT or
+SIGTERM to this process reaches every worker (the launcher passes it on), and each stops
+at the same step boundary after a checkpoint, as a single-process run does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def launch(nproc: int, worker_args: Sequence[str]) -> int:
 
     Each worker gets ``cores / nproc`` threads unless ``OMP_NUM_THREADS`` is set.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -55,6 +58,8 @@ def launch(nproc: int, worker_args: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 1
+    except SignalException as exc:  # the workers got the same signal: they checkpointed and said so
+        return 143 if exc.sigval == signal.SIGTERM else 130
     return 0
 
 

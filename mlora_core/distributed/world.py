@@ -13,6 +13,7 @@ per-step control exchange (NCCL cannot move CPU objects without a device copy).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +42,8 @@ class World:
     local_rank: int = 0
     backend: str | None = None
     _control: Any = None
+    #: Seconds this rank spent in collectives (waiting for slower ranks included).
+    collective_s: float = 0.0
 
     @property
     def distributed(self) -> bool:
@@ -96,6 +99,7 @@ class World:
         return result[0]  # type: ignore[return-value]
 
     def _call(self, collective: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
         try:
             collective(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as exc:
@@ -103,6 +107,8 @@ class World:
                 f"rank {self.rank} lost contact with the other ranks ({_first_line(exc)}); "
                 "another rank died or did not answer within distributed.timeout_s"
             ) from exc
+        finally:
+            self.collective_s += time.perf_counter() - started
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -67,6 +67,8 @@ class StepReport:
     work: dict[str, int] = field(default_factory=dict)
     #: A stop signal this rank received.
     stop: str | None = None
+    #: Seconds this rank has spent in collectives so far.
+    collective_s: float = 0.0
 
 
 class Engine:
@@ -112,8 +114,9 @@ class Engine:
         self.eval_before: Results = {}
         self.jobs: list[Job] = []
         self.report = StepReport()
-        #: Highest step peak of each rank.
+        #: Highest step peak of each rank, and its seconds in collectives (as last reported).
         self.rank_peaks = [0] * self.world.size
+        self.rank_collective_s = [0.0] * self.world.size
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -384,6 +387,7 @@ class Engine:
         self.report = StepReport()
         report.events = self.events.take_pending()
         report.stop = self.stop_signal
+        report.collective_s = self.world.collective_s
         for job in self.jobs:
             if self.strategy.owns(job.name):
                 report.statuses[job.name] = (job.status, job.progress.error)
@@ -398,6 +402,7 @@ class Engine:
         self._apply_statuses(reports)
         ran = [r.run for r in reports if r.run is not None]
         for rank, r in enumerate(reports):
+            self.rank_collective_s[rank] = r.collective_s
             if r.run is not None:
                 self.rank_peaks[rank] = max(self.rank_peaks[rank], int(r.run["peak_memory_bytes"]))
         if step_ran and ran:
@@ -594,6 +599,7 @@ class Engine:
                 "backend": self.world.backend,
                 "placement": self.strategy.placement(),
                 "peak_memory_bytes": self.rank_peaks,
+                "collective_s": [round(s, 3) for s in self.rank_collective_s],
             }
         summary = run_summary(facts, totals, entries)
         if self.world.is_main:
