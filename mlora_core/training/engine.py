@@ -160,7 +160,9 @@ class Engine:
         """:meth:`setup`, then :meth:`train`."""
         try:
             self.setup()
-            return self.train()
+            summary = self.train()
+            self.world.barrier()  # no rank tears down its connections while another still works
+            return summary
         finally:
             self.world.close()
 
