@@ -67,7 +67,7 @@ class DistributedConfig:
     backend: str = "auto"
     #: Seconds a rank waits for the others before the run stops with an error.
     timeout_s: float = 600.0
-    #: Shard the frozen base over the ranks with FSDP2 (not supported yet: refused).
+    #: Shard the frozen base's decoder blocks over the ranks with FSDP2 (strategy rows).
     shard_base: bool = False
 
 

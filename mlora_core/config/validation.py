@@ -59,7 +59,7 @@ def validate_config(cfg: MloraConfig, host: PluginHost) -> None:
     if cfg.scheduler.type not in host.schedulers:
         problems.append(f"scheduler.type: {host.schedulers.unknown_message(cfg.scheduler.type)}")
     _validate_monitors(cfg, host, problems)
-    problems += [f"distributed.{p}" for p in distributed_problems(cfg.distributed, cfg.base_model.device)]
+    problems += [f"distributed.{p}" for p in distributed_problems(cfg.distributed, cfg.base_model)]
     problems += _output_dir_problems(cfg.output_dir)
     seen: set[str] = set()
     targets = backend.target_modules if backend is not None else ()
@@ -69,9 +69,10 @@ def validate_config(cfg: MloraConfig, host: PluginHost) -> None:
         raise ConfigError(problems)
 
 
-def distributed_problems(d: DistributedConfig, device: str) -> list[str]:
+def distributed_problems(d: DistributedConfig, base: BaseModelConfig) -> list[str]:
     """Problems of the ``distributed`` section (checked also in single-process runs)."""
     problems = []
+    device = base.device
     if d.strategy not in STRATEGIES:
         problems.append(f"strategy: {d.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if d.backend not in BACKENDS:
@@ -81,10 +82,22 @@ def distributed_problems(d: DistributedConfig, device: str) -> list[str]:
     if not d.timeout_s > 0:
         problems.append("timeout_s: must be positive")
     if d.shard_base:
+        problems += [f"shard_base: {p}" for p in _sharding_problems(d, base)]
+    return problems
+
+
+def _sharding_problems(d: DistributedConfig, base: BaseModelConfig) -> list[str]:
+    """What ``shard_base`` cannot be combined with (yet)."""
+    problems = []
+    if d.strategy == "jobs":
+        problems.append("needs strategy rows (or auto): under jobs each rank holds its own whole base")
+    if base.quantize is not None:
         problems.append(
-            "shard_base: sharding the base over ranks (FSDP2) is not supported yet; "
-            "use strategy jobs or rows with a base that fits each device (quantize it to fit)"
+            "a quantized base cannot be sharded: bitsandbytes weights under FSDP2 lose their quantization "
+            "state (bitsandbytes issue #1945); use quantize or shard_base, not both"
         )
+    if base.activation_checkpointing:
+        problems.append("not supported together with base_model.activation_checkpointing yet")
     return problems
 
 

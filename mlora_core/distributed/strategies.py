@@ -36,11 +36,12 @@ if TYPE_CHECKING:
 S = TypeVar("S")
 
 
-def choose_strategy(configured: str, jobs: int, ranks: int) -> str:
-    """``auto``: ``jobs`` when there are at least as many jobs as ranks, ``rows`` otherwise."""
+def choose_strategy(configured: str, jobs: int, ranks: int, shard_base: bool = False) -> str:
+    """``auto``: ``jobs`` when there are at least as many jobs as ranks (and the base is not
+    sharded), ``rows`` otherwise."""
     if configured != "auto":
         return configured
-    return "jobs" if jobs >= ranks else "rows"
+    return "jobs" if jobs >= ranks and not shard_base else "rows"
 
 
 class Strategy:
@@ -80,6 +81,9 @@ class Strategy:
 
     #: How many ranks share one step's planned rows (scales the per-rank token budget).
     step_ranks = 1
+    #: Every rank must run every forward, backward and held-out evaluation (the base is
+    #: sharded: :mod:`mlora_core.distributed.sharding`).
+    collective_forward = False
 
     def reduce_step(self, values: torch.Tensor) -> torch.Tensor:
         """Per-step loss sums and token counts of the jobs this rank trained, made global."""

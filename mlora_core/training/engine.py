@@ -21,6 +21,7 @@ import torch
 
 from mlora_core.config.schema import JobConfig, MloraConfig
 from mlora_core.config.validation import validate_config
+from mlora_core.distributed.sharding import shard_blocks
 from mlora_core.distributed.strategies import Strategy, choose_strategy, make_strategy
 from mlora_core.distributed.world import World, join_world
 from mlora_core.errors import Interrupted, MloraError
@@ -95,9 +96,11 @@ class Engine:
         self.run_dir = RunDirectory(Path(config.output_dir))
         self.router = RowRouter()
         self.scheduler = host.schedulers.create(config.scheduler.type, config=config.scheduler)
-        name = choose_strategy(config.distributed.strategy, len(config.jobs), self.world.size)
+        shard = config.distributed.shard_base and self.world.distributed
+        name = choose_strategy(config.distributed.strategy, len(config.jobs), self.world.size, shard)
         orders = {jc.name: i for i, jc in enumerate(config.jobs)}
         self.strategy: Strategy = make_strategy(name, self.world, orders, config.scheduler.max_concurrent_jobs)
+        self.strategy.collective_forward = shard
         limit = config.scheduler.memory_limit
         self.memory = MemoryModel(limit=(device_memory_limit(self.device) if limit is None else limit) or None)
         tokens = config.scheduler.max_tokens_per_step
@@ -144,6 +147,8 @@ class Engine:
                     "does not name its transformer blocks (LoadedModel.blocks)"
                 )
             checkpoint_blocks(self.loaded.blocks, self.router)
+        if self.strategy.collective_forward:  # before adapters attach: FSDP2 manages only the base
+            shard_blocks(self.loaded.blocks, self.world, self.device)
         self.pad_id = pad_token_id(self.loaded.tokenizer)
         self.evaluator = HeldOutEvaluator(self.loaded, self.router, self.pad_id, self.device)
         self.jobs = [self._make_job(i, jc) for i, jc in enumerate(self.config.jobs)]
@@ -215,11 +220,13 @@ class Engine:
         chosen = [job for job, _ in planned]
         started = time.perf_counter()
         self.utilisation.start()
-        parts = [(job.name, self.strategy.my_rows(job.take(rows))) for job, rows in planned]
-        batch = self._batch(parts)
+        taken = [(job.name, job.take(rows)) for job, rows in planned]
+        batch = self._batch([(name, self.strategy.my_rows(samples)) for name, samples in taken])
         reset_step_peak(self.device)
         out_of_memory = False
         try:
+            if batch is None and self.strategy.collective_forward:  # join the others' collectives
+                self._forward_backward(self._batch([(taken[0][0], taken[0][1][:1])]), learn=False)
             losses = self._forward_backward(batch)
         except torch.OutOfMemoryError:
             losses, out_of_memory = {}, True
@@ -231,8 +238,7 @@ class Engine:
         if batch is not None:
             self.report.run = self._record_step(chosen, batch, seconds)
         self.report.metrics |= self._step_optimizers(chosen, totals, seconds)
-        owned = [job for job in chosen if self.strategy.owns(job.name)]
-        self._evaluate_during([job for job in owned if job.eval_due()])
+        self._evaluate_during([job for job in chosen if job.eval_due() and self._evaluates(job)])
         for job in chosen:
             if job.status != RUNNING:
                 self._finish(job)
@@ -269,10 +275,12 @@ class Engine:
         local = [(name, samples) for name, samples in parts if samples]
         return build_batch(local, self.pad_id).to(self.device) if local else None
 
-    def _forward_backward(self, batch: MultiJobBatch | None) -> dict[str, tuple[torch.Tensor, int]]:
+    def _forward_backward(self, batch: MultiJobBatch | None, learn: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
         """One forward over this rank's rows, per-job losses, one backward of their finite sum.
 
         Returns per job: (its rows' share of the optimizer batch's loss, their non-pad tokens).
+        ``learn=False``: a row that only takes part in a sharded base's collectives; its
+        backward adds exact zeros to the adapter's gradients, and nothing is returned.
         """
         if batch is None:
             return {}
@@ -287,8 +295,9 @@ class Engine:
             losses[seg.adapter] = (loss, int(batch.attention_mask[seg.start : seg.stop].sum()))
         finite = [loss for loss, _ in losses.values() if torch.isfinite(loss)]
         if finite:
-            torch.stack(finite).sum().backward()  # type: ignore[no-untyped-call]
-        return losses
+            total = torch.stack(finite).sum()
+            (total if learn else total * 0).backward()  # type: ignore[no-untyped-call]
+        return losses if learn else {}
 
     def _step_totals(
         self,
@@ -432,23 +441,30 @@ class Engine:
 
     # --- held-out evaluation ----------------------------------------------------------------
 
+    def _evaluates(self, job: Job) -> bool:
+        """Whether this rank measures ``job`` on held-out data: its owner does, and with a
+        sharded base every rank does (each evaluation's forwards are collectives); only the
+        owner reports."""
+        return self.strategy.collective_forward or self.strategy.owns(job.name)
+
     def _evaluate_before(self) -> None:
         """Held-out metrics of the owned jobs before training; a job whose evaluation raises fails alone."""
-        owned = [j for j in self.jobs if self.strategy.owns(j.name)]
+        measured_here = [j for j in self.jobs if self._evaluates(j)]
         try:
-            before = self.evaluator.metrics(owned)
+            before = self.evaluator.metrics(measured_here)
         except Exception:  # find the job at fault: evaluate each alone
             before = {}
-            for job in owned:
+            for job in measured_here:
                 try:
                     before |= self.evaluator.metrics([job])
                 except Exception as exc:
                     job.fail(f"held-out evaluation before training failed: {exc!r}")
                     self._finish(job, save=False)
+        before = {name: values for name, values in before.items() if self.strategy.owns(name)}
         self.eval_before |= before
         self.report.eval_before = before
         self.stats.eval_before_s = self.evaluator.seconds
-        measured = [j for j in owned if j.name in before]
+        measured = [j for j in self.jobs if j.name in before]
         self.events.evaluation(0, "before", {j.name: (0, before[j.name]) for j in measured})
         self._exchange(step_ran=False)
 
@@ -464,9 +480,10 @@ class Engine:
             loss = losses[job.name]
             if loss is not None:
                 job.record_eval(loss)
-        if not final:
+        owned = [j for j in jobs if self.strategy.owns(j.name)]
+        if not final and owned:
             self.events.evaluation(
-                self.steps, "during", {j.name: (j.progress.step, {"eval_loss": losses[j.name]}) for j in jobs}
+                self.steps, "during", {j.name: (j.progress.step, {"eval_loss": losses[j.name]}) for j in owned}
             )
 
     # --- a job's end -------------------------------------------------------------------------
@@ -478,16 +495,16 @@ class Engine:
         saved and evaluated like a completed one; its status and error say what happened.
         If saving or evaluating raises, the job fails with that error and the run goes on.
         """
-        if not self.strategy.owns(job.name):
-            job.release()
-            return
+        owner = self.strategy.owns(job.name)
         after: dict[str, float | None] = {}
         adapter_dir = None
-        if save and job.status in (COMPLETED, FAILED):
-            adapter_dir, after, error = self._save_and_evaluate(job)
+        if save and job.status in (COMPLETED, FAILED) and self._evaluates(job):
+            adapter_dir, after, error = self._save_and_evaluate(job, write=owner)
             if error is not None:
                 job.fail(f"{job.progress.error}; {error}" if job.progress.error else error)
         job.release()
+        if not owner:
+            return
         self._record_result(job, after, adapter_dir)
         self.events.job_end(job.name, self.results[job.name])
 
@@ -495,21 +512,29 @@ class Engine:
         self.results[job.name] = job_entry(job, self.eval_before.get(job.name, {}), after, adapter_dir)
         self.report.results[job.name] = self.results[job.name]
 
-    def _save_and_evaluate(self, job: Job) -> tuple[str | None, dict[str, float | None], str | None]:
-        """(adapter dir or None, held-out results, what went wrong or None) for a job that has ended."""
+    def _save_and_evaluate(
+        self, job: Job, write: bool = True
+    ) -> tuple[str | None, dict[str, float | None], str | None]:
+        """(adapter dir or None, held-out results, what went wrong or None) for a job that has ended.
+
+        ``write``: save the adapter and report (the job's owner); other ranks only take part in
+        the evaluations of a sharded base.
+        """
         adapter_dir = None
         doing = "choosing the best adapter"
         try:
             if job.config.train.early_stop is not None and job.history.last_eval_step != job.progress.step:
                 self._evaluate_during([job], final=True)  # the last weights may be the best
             job.use_best()
-            doing = "saving the adapter"
-            adapter_dir = self.run_dir.save_adapter(job.name, job.adapter, self.loaded.name_or_path)
             doing = "held-out evaluation after training"
             after = self.evaluator.metrics([job])[job.name]
+            doing = "saving the adapter"
+            if write:
+                adapter_dir = self.run_dir.save_adapter(job.name, job.adapter, self.loaded.name_or_path)
         except Exception as exc:  # this job's end failed; the others must not notice
             return adapter_dir, {}, f"{doing} failed: {exc!r}"
-        self.events.evaluation(self.steps, "after", {job.name: (job.progress.step, after)})
+        if write:
+            self.events.evaluation(self.steps, "after", {job.name: (job.progress.step, after)})
         return adapter_dir, after, None
 
     def _fail_running(self, reason: str) -> None:
@@ -602,6 +627,7 @@ class Engine:
                 "placement": self.strategy.placement(),
                 "peak_memory_bytes": self.rank_peaks,
                 "collective_s": [round(s, 3) for s in self.rank_collective_s],
+                "shard_base": self.strategy.collective_forward,
             }
         summary = run_summary(facts, totals, entries)
         if self.world.is_main:

@@ -35,6 +35,7 @@ def test_auto_is_jobs_when_there_are_enough_jobs_for_the_ranks() -> None:
     assert choose_strategy("auto", jobs=1, ranks=2) == "rows"
     assert choose_strategy("rows", jobs=8, ranks=2) == "rows"
     assert choose_strategy("auto", jobs=1, ranks=1) == "jobs"
+    assert choose_strategy("auto", jobs=4, ranks=2, shard_base=True) == "rows"
 
 
 def _jobs(*work: int) -> list[FakeJob]:
@@ -122,8 +123,14 @@ def test_distributed_section_is_checked(make_config, data_dir, host) -> None:
     assert "distributed.strategy: 'pipes' is not one of auto, jobs, rows" in problems
     assert "distributed.backend: nccl needs a CUDA device" in problems
     assert "distributed.timeout_s: must be positive" in problems
-    assert "distributed.shard_base: sharding the base over ranks (FSDP2) is not supported yet" in problems
-    validate_config(load_config(path, ["distributed.strategy=rows", "distributed.backend=gloo"]), host)
+    validate_config(load_config(path, ["distributed.strategy=rows", "distributed.shard_base=true"]), host)
+    sharded = ["distributed.shard_base=true", "distributed.strategy=jobs", "base_model.quantize=nf4"]
+    with pytest.raises(ConfigError) as caught:
+        validate_config(load_config(path, [*sharded, "base_model.activation_checkpointing=true"]), host)
+    problems = "\n".join(caught.value.problems)
+    assert "distributed.shard_base: needs strategy rows" in problems
+    assert "distributed.shard_base: a quantized base cannot be sharded" in problems
+    assert "distributed.shard_base: not supported together with base_model.activation_checkpointing" in problems
 
 
 def test_the_launcher_names_the_rank_that_died_not_those_that_lost_it() -> None:

@@ -299,3 +299,28 @@ def test_qlora_bases_under_jobs_each_rank_quantizing_its_own_copy(make_config, d
     assert _summary(tmp_path / "out")["base_model"]["quantize"] == "nf4"
     _one_process(config, host, tmp_path / "alone")
     _assert_same(tmp_path / "out", tmp_path / "alone", ["a", "b"])
+
+
+def test_a_base_sharded_over_two_ranks_trains_as_one_process(make_config, data_dir, host, tmp_path):
+    """FSDP2 per decoder block under rows. "solo" has one row per step, so in its steps rank 0
+    has none and joins the collectives with a row that learns nothing; "early" stops early on
+    held-out loss, which every rank measures together."""
+    early = job("early", data_dir / "a.jsonl", max_steps=8, lr=5e-3, eval_every=2)
+    early["train"]["early_stop"] = {"patience": 1, "min_delta": 10.0}  # stops at its second evaluation
+    jobs = [job("solo", data_dir / "c.jsonl", max_steps=12, batch_size=1, micro_batch_size=1, lr=5e-3), early]
+    config = make_config(jobs, distributed={"timeout_s": 60})
+    done = _run(config, "--nproc", "2", "distributed.shard_base=true")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    summary = _summary(out)
+    assert summary["distributed"]["shard_base"] is True and summary["distributed"]["strategy"] == "rows"
+    alone = _one_process(config, host, tmp_path / "alone")
+    _assert_same(out, tmp_path / "alone", ["solo", "early"], rtol=1e-5)
+    for ours, theirs in zip(summary["jobs"], alone["jobs"], strict=True):
+        assert (ours["status"], ours["steps"], ours["stopped_early"]) == (
+            theirs["status"],
+            theirs["steps"],
+            theirs["stopped_early"],
+        )
+        assert ours["eval_loss_after"] == pytest.approx(theirs["eval_loss_after"], rel=1e-5)
+    assert summary["jobs"][1]["stopped_early"] and summary["jobs"][1]["steps"] == 4
