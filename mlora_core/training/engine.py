@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from mlora_core.config.schema import JobConfig, MloraConfig
 from mlora_core.config.validation import validate_config
+from mlora_core.distributed.report import StepReport
 from mlora_core.distributed.sharding import shard_blocks
 from mlora_core.distributed.strategies import Strategy, choose_strategy, make_strategy
 from mlora_core.distributed.world import World, join_world
@@ -42,34 +42,6 @@ from mlora_core.training.run_directory import RunDirectory, load_engine_state, l
 from mlora_core.training.run_stats import RunStats, merge_ranks, step_metrics
 from mlora_core.training.summary import job_entry, run_summary
 from mlora_core.training.utilisation import UtilisationMeter
-
-
-@dataclass
-class StepReport:
-    """What a rank tells the others after each engine step (the per-step control exchange).
-
-    Every field is about the jobs this rank owns; the main rank turns the reports of all
-    ranks into the step's events, and every rank applies the statuses of jobs it does not own.
-    """
-
-    #: Job -> its optimizer-step metrics, for jobs that stepped.
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: This rank's run metrics of the step (None: it trained nothing in it).
-    run: dict[str, float] | None = None
-    #: Job -> (status, error) of every owned job.
-    statuses: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-    #: Evaluation and job-end events, in order (:meth:`RunEvents.take_pending`).
-    events: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
-    #: summary.json entries of owned jobs that ended.
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Held-out metrics before training of owned jobs.
-    eval_before: Results = field(default_factory=dict)
-    #: Remaining tokens of owned live jobs (placement of later jobs).
-    work: dict[str, int] = field(default_factory=dict)
-    #: A stop signal this rank received.
-    stop: str | None = None
-    #: Seconds this rank has spent in collectives so far.
-    collective_s: float = 0.0
 
 
 class Engine:
@@ -128,6 +100,8 @@ class Engine:
         self._started = time.perf_counter()
         claim = lambda: self.run_dir.claim(resume=self.resume, overwrite=self.overwrite)  # noqa: E731
         checkpoint = self.world.on_main(claim)  # one rank clears an earlier run
+        limits = self.world.all_gather(self.memory.limit)  # ranks plan alike: the smallest limit
+        self.memory.limit = None if None in limits else min(limits)  # type: ignore[type-var]
         self._load()
         self.run_dir.create()
         if checkpoint is not None:
@@ -333,10 +307,11 @@ class Engine:
         return totals
 
     def _record_step(self, chosen: list[Job], batch: MultiJobBatch, seconds: float) -> dict[str, float]:
-        """The step's peak memory into the memory model; this rank's run metrics of the step."""
+        """This rank's run metrics of the step; its peak memory goes to the exchange, so that
+        every rank's memory model learns from every rank's steps alike."""
         rows, width = batch.input_ids.shape
         peak = step_peak(self.device)
-        self.memory.observe(rows, width, peak)
+        self.report.observed = (rows, width, peak)
         for job in chosen:
             job.progress.peak_memory_bytes = max(job.progress.peak_memory_bytes, peak)
         return {**step_metrics(batch, peak, seconds), **self.utilisation.read(seconds)}
@@ -375,7 +350,7 @@ class Engine:
         """
         if batch is not None:
             rows, width = batch.input_ids.shape
-            self.memory.record_oom(rows, width)
+            self.report.out_of_memory = (rows, width)  # into every rank's memory model
         del batch
         for job in chosen:
             job.rewind_batch()
@@ -412,8 +387,12 @@ class Engine:
             self.stop_agreed = self.stop_agreed or r.stop
         self._apply_statuses(reports)
         ran = [r.run for r in reports if r.run is not None]
-        for rank, r in enumerate(reports):
+        for rank, r in enumerate(reports):  # in rank order: the same model on every rank
             self.rank_collective_s[rank] = r.collective_s
+            if r.observed is not None:
+                self.memory.observe(*r.observed)
+            if r.out_of_memory is not None:
+                self.memory.record_oom(*r.out_of_memory)
             if r.run is not None:
                 self.rank_peaks[rank] = max(self.rank_peaks[rank], int(r.run["peak_memory_bytes"]))
         if step_ran and ran:
