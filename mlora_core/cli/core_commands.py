@@ -124,8 +124,16 @@ def _launch(args: argparse.Namespace) -> int:
 def _stop_on_signals(engine: Engine) -> None:
     """SIGINT / SIGTERM: checkpoint and stop at the next step boundary; a second one stops at once."""
 
+    from mlora_core.distributed.world import launched_world_size
+
+    # Under a launcher a signal may come twice (from a batch system to every process, and
+    # passed on by the launcher): repeats are ignored; the launcher kills after its own timeout.
+    launched = launched_world_size() > 1
+
     def handler(signum: int, frame: Any) -> None:
         if engine.stop_signal:
+            if launched:
+                return
             raise KeyboardInterrupt
         engine.request_stop(signal.Signals(signum).name)
         print(f"mlora: {signal.Signals(signum).name}: stopping after this step (again to stop now)", file=sys.stderr)

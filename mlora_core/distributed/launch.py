@@ -27,13 +27,20 @@ DELIBERATE_EXITS = {1: "a job failed", 2: "error", 130: "SIGINT", 143: "SIGTERM"
 def launch(nproc: int, worker_args: Sequence[str]) -> int:
     """Run ``mlora run`` with ``worker_args`` in ``nproc`` workers; returns the exit code.
 
-    Each worker gets ``cores / nproc`` threads unless ``OMP_NUM_THREADS`` is set.
+    Each worker gets ``cores / nproc`` threads unless ``OMP_NUM_THREADS`` is set. The
+    launcher's own log lines are left out: a worker that fails says why, and so does this
+    function.
     """
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for name in list(logging.root.manager.loggerDict):  # each sets its own level (LOGLEVEL)
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

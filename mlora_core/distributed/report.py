@@ -30,8 +30,9 @@ class StepReport:
     work: dict[str, int] = field(default_factory=dict)
     #: A stop signal this rank received.
     stop: str | None = None
-    #: Seconds this rank has spent in collectives so far.
+    #: Seconds this rank has spent in collectives, and in held-out evaluation, so far.
     collective_s: float = 0.0
+    eval_s: float = 0.0
     #: (rows, padded length, peak bytes) of this rank's step, for every rank's memory model.
     observed: tuple[int, int, int] | None = None
     #: (rows, padded length) of a step that ran out of memory on this rank.

@@ -38,8 +38,9 @@ class World:
 
     rank: int = 0
     size: int = 1
-    #: Rank of this process on its node (selects its CUDA device).
+    #: Rank of this process on its node (selects its CUDA device), and processes on its node.
     local_rank: int = 0
+    local_size: int = 1
     backend: str | None = None
     _control: Any = None
     #: Seconds this rank spent in collectives (waiting for slower ranks included).
@@ -55,10 +56,25 @@ class World:
         return self.rank == 0
 
     def device(self, configured: str) -> str:
-        """The device this rank uses: ``cuda`` becomes this rank's ``cuda:LOCAL_RANK``."""
-        if self.distributed and configured == "cuda":
-            return f"cuda:{self.local_rank}"
-        return configured
+        """The device this rank uses: ``cuda`` becomes this rank's ``cuda:LOCAL_RANK``.
+
+        Raises:
+            MloraError: ``cuda:N`` with several processes (they would all use GPU N).
+        """
+        if not self.distributed or not configured.startswith("cuda"):
+            return configured
+        if configured != "cuda":
+            raise MloraError(
+                f"base_model.device: {configured!r} with several processes; use 'cuda' "
+                "(each rank takes its own GPU, cuda:LOCAL_RANK)"
+            )
+        return f"cuda:{self.local_rank}"
+
+    def memory_share(self, limit: int | None, device: str) -> int | None:
+        """This rank's share of a memory limit: on CPU the node's RAM is shared by its ranks."""
+        if limit is None or device.startswith("cuda"):
+            return limit
+        return limit // self.local_size
 
     # --- collectives (no-ops in a single process) ---------------------------------------
 
@@ -126,6 +142,7 @@ def join_world(config: DistributedConfig, device: str) -> World:
     if size <= 1:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     backend = config.backend
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -134,7 +151,7 @@ def join_world(config: DistributedConfig, device: str) -> World:
     timeout = timedelta(seconds=config.timeout_s)
     dist.init_process_group(backend=backend, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return World(rank=rank, size=size, local_rank=local_rank, backend=backend, _control=control)
+    return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size, backend=backend, _control=control)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -74,7 +74,9 @@ class Engine:
         self.strategy: Strategy = make_strategy(name, self.world, orders, config.scheduler.max_concurrent_jobs)
         self.strategy.collective_forward = shard
         limit = config.scheduler.memory_limit
-        self.memory = MemoryModel(limit=(device_memory_limit(self.device) if limit is None else limit) or None)
+        if limit is None:
+            limit = self.world.memory_share(device_memory_limit(self.device), self.device)
+        self.memory = MemoryModel(limit=limit or None)
         tokens = config.scheduler.max_tokens_per_step
         self.budget = StepBudget(
             max_tokens=tokens * self.strategy.step_ranks if tokens else None,
@@ -89,9 +91,11 @@ class Engine:
         self.eval_before: Results = {}
         self.jobs: list[Job] = []
         self.report = StepReport()
-        #: Highest step peak of each rank, and its seconds in collectives (as last reported).
+        #: Highest step peak of each rank, its seconds in collectives and in held-out
+        #: evaluation (as last reported).
         self.rank_peaks = [0] * self.world.size
         self.rank_collective_s = [0.0] * self.world.size
+        self.rank_eval_s = [0.0] * self.world.size
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -106,6 +110,8 @@ class Engine:
         self.run_dir.create()
         if checkpoint is not None:
             self._restore(checkpoint)
+        if self.world.distributed:  # each rank its own dropout masks (derived alike on every rank)
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + self.world.rank)
         self.events = RunEvents(self.host, self.config, resume=self.resumed, emit=self.world.is_main, hold=True)
         if self.world.distributed and self.world.is_main:
             print(f"mlora: {self.world.size} ranks ({self.world.backend}), strategy {self.strategy.name!r}", flush=True)
@@ -374,6 +380,7 @@ class Engine:
         report.events = self.events.take_pending()
         report.stop = self.stop_signal
         report.collective_s = self.world.collective_s
+        report.eval_s = self.evaluator.seconds
         for job in self.jobs:
             if self.strategy.owns(job.name):
                 report.statuses[job.name] = (job.status, job.progress.error)
@@ -388,7 +395,7 @@ class Engine:
         self._apply_statuses(reports)
         ran = [r.run for r in reports if r.run is not None]
         for rank, r in enumerate(reports):  # in rank order: the same model on every rank
-            self.rank_collective_s[rank] = r.collective_s
+            self.rank_collective_s[rank], self.rank_eval_s[rank] = r.collective_s, r.eval_s
             if r.observed is not None:
                 self.memory.observe(*r.observed)
             if r.out_of_memory is not None:
@@ -442,10 +449,15 @@ class Engine:
         before = {name: values for name, values in before.items() if self.strategy.owns(name)}
         self.eval_before |= before
         self.report.eval_before = before
-        self.stats.eval_before_s = self.evaluator.seconds
         measured = [j for j in self.jobs if j.name in before]
         self.events.evaluation(0, "before", {j.name: (0, before[j.name]) for j in measured})
         self._exchange(step_ran=False)
+        self.stats.eval_before_s = self._eval_seconds()
+
+    def _eval_seconds(self) -> float:
+        """Seconds of held-out evaluation so far: the ranks evaluate side by side, in lockstep,
+        so the slowest rank's time is the run's."""
+        return max(self.evaluator.seconds, *self.rank_eval_s)
 
     def _evaluate_during(self, jobs: list[Job], final: bool = False) -> None:
         """``eval_every``: held-out loss of the current weights, fed to early stopping.
@@ -591,7 +603,7 @@ class Engine:
         train_tokens = sum(e["train_tokens"] for e in entries)
         loop_s = now - train_started
         totals = self.stats.totals(
-            self.device, now - self._started, loop_s, self.evaluator.seconds, train_tokens, self.steps
+            self.device, now - self._started, loop_s, self._eval_seconds(), train_tokens, self.steps
         )
         facts: dict[str, Any] = {
             "output_dir": str(self.run_dir.path),

@@ -14,7 +14,7 @@ from mlora_core.config.validation import validate_config
 from mlora_core.distributed.launch import describe_exit, died_first
 from mlora_core.distributed.strategies import JobsStrategy, RowsStrategy, choose_strategy
 from mlora_core.distributed.world import World
-from mlora_core.errors import ConfigError
+from mlora_core.errors import ConfigError, MloraError
 from mlora_core.training.run_stats import merge_ranks
 
 
@@ -146,3 +146,13 @@ def test_nproc_is_refused_inside_a_launched_world(make_config, data_dir, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", str(make_config([job("a", data_dir / "a.jsonl")])), "--nproc", "2"]) == 2
     assert "already one of several" in capsys.readouterr().err
+
+
+def test_each_rank_takes_its_own_gpu_and_its_share_of_the_node_s_ram() -> None:
+    world = World(rank=1, size=4, local_rank=1, local_size=2)
+    assert world.device("cuda") == "cuda:1" and world.device("cpu") == "cpu"
+    with pytest.raises(MloraError, match="use 'cuda'"):
+        world.device("cuda:0")
+    assert World().device("cuda:3") == "cuda:3"  # one process: as configured
+    assert world.memory_share(1000, "cpu") == 500 and world.memory_share(1000, "cuda:1") == 1000
+    assert world.memory_share(None, "cpu") is None
