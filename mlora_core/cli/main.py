@@ -89,13 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(message: str, repeated: bool) -> None:
-    """Print an error on stderr; in a distributed run, other ranks than 0 say who they are and
-    leave out what every rank reports alike (``repeated``)."""
+    """Print an error on stderr; in a distributed run, ranks say who they are, and only rank 0
+    prints what every rank reports alike (``repeated``)."""
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (repeated and rank == 0):
+        message = message.replace("mlora:", f"mlora: rank {rank}:", 1)
+    if rank == 0 or not repeated:
         print(message, file=sys.stderr)
-    elif not repeated:
-        print(message.replace("mlora:", f"mlora: rank {rank}:", 1), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -119,12 +119,16 @@ class World:
         try:
             collective(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as exc:
-            raise RankLost(
-                f"rank {self.rank} lost contact with the other ranks ({_first_line(exc)}); "
-                "another rank died or did not answer within distributed.timeout_s"
-            ) from exc
+            raise self.lost(exc) from exc
         finally:
             self.collective_s += time.perf_counter() - started
+
+    def lost(self, exc: BaseException) -> RankLost:
+        """The one-line error for a collective that failed with ``exc``."""
+        return RankLost(
+            f"lost contact with the other ranks ({_first_line(exc)}); "
+            "another rank died or did not answer within distributed.timeout_s"
+        )
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
@@ -152,6 +156,15 @@ def join_world(config: DistributedConfig, device: str) -> World:
     dist.init_process_group(backend=backend, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size, backend=backend, _control=control)
+
+
+def raised_by_collective(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside torch.distributed (a collective that failed, for
+    example one FSDP2 runs inside the model's forward)."""
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return last is not None and f"torch{os.sep}distributed{os.sep}" in last
 
 
 def _first_line(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from mlora_core.config.validation import validate_config
 from mlora_core.distributed.report import StepReport
 from mlora_core.distributed.sharding import shard_blocks
 from mlora_core.distributed.strategies import Strategy, choose_strategy, make_strategy
-from mlora_core.distributed.world import World, join_world
+from mlora_core.distributed.world import World, join_world, raised_by_collective
 from mlora_core.errors import Interrupted, MloraError
 from mlora_core.events import RunEvents
 from mlora_core.models.loading import load_base_model
@@ -148,6 +148,10 @@ class Engine:
             summary = self.train()
             self.world.barrier()  # no rank tears down its connections while another still works
             return summary
+        except RuntimeError as exc:
+            if self.world.distributed and raised_by_collective(exc):  # inside the model (FSDP2)
+                raise self.world.lost(exc) from exc
+            raise
         finally:
             self.world.close()
 
