@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,17 @@ def yes_no_records(n: int) -> list[dict[str, str]]:
 
 #: Every projection of the LLaMA backend.
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], min_step: int = 6) -> None:
+    """Wait until the run ``proc`` (writing into ``out``) has a checkpoint at step >= ``min_step``."""
+    latest = out / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= min_step:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint at step >= {min_step} before the run ended: {proc.communicate()}")
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import job
+from conftest import job, wait_for_checkpoint
 from safetensors.torch import load_file
 
 from mlora_core.config.schema import load_config
@@ -56,21 +55,11 @@ def _start(config_path: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, min_step: int = 6) -> None:
-    latest = out / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= min_step:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"no checkpoint at step >= {min_step} before the run ended: {proc.communicate()}")
-
-
 def test_sigkill_then_resume_equals_uninterrupted(make_config, data_dir, tmp_path, reference):
     path = make_config(_jobs(data_dir))
     out = tmp_path / "out"
     proc = _start(path)
-    _wait_for_checkpoint(out, proc)
+    wait_for_checkpoint(out, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()  # it really died mid-run
@@ -92,7 +81,7 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes(make_config, data_di
     path = make_config(_jobs(data_dir))
     out = tmp_path / "out"
     proc = _start(path)
-    _wait_for_checkpoint(out, proc, min_step=3)
+    wait_for_checkpoint(out, proc, min_step=3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr

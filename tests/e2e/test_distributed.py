@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import job
+from conftest import job, wait_for_checkpoint
 from safetensors.torch import load_file
 
 from mlora_core.config.schema import load_config
@@ -168,16 +168,6 @@ def _worker(launcher: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank}")
 
 
-def _wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], min_step: int) -> None:
-    latest = out / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= min_step:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"no checkpoint at step >= {min_step} before the run ended: {proc.communicate()}")
-
-
 def _long_jobs(data_dir: Path) -> list[dict[str, Any]]:
     return [
         job("quick", data_dir / "c.jsonl", max_steps=2),
@@ -192,7 +182,7 @@ def test_a_checkpoint_of_two_ranks_resumes_with_one_and_with_two(make_config, da
     _one_process(config, host, tmp_path / "alone")
     out = tmp_path / "out"
     proc = _start(config, "--nproc", "2", f"distributed.strategy={strategy}", "checkpoint_every=2")
-    _wait_for_checkpoint(out, proc, min_step=4)
+    wait_for_checkpoint(out, proc, min_step=4)
     proc.send_signal(signal.SIGTERM)  # the launcher passes it to both workers
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
@@ -212,7 +202,7 @@ def test_a_killed_rank_stops_the_run_with_its_name_then_resume_finishes(make_con
     config = make_config(_long_jobs(data_dir), distributed={"timeout_s": 60})
     out = tmp_path / "out"
     proc = _start(config, "--nproc", "2", "distributed.strategy=jobs", "checkpoint_every=2")
-    _wait_for_checkpoint(out, proc, min_step=4)
+    wait_for_checkpoint(out, proc, min_step=4)
     started = time.monotonic()
     os.kill(_worker(proc.pid, 1), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
