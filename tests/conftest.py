@@ -84,8 +84,8 @@ def build_tiny_llama(out: Path, **overrides: Any) -> Path:
         "num_key_value_heads": 2,
         **overrides,
     }
+    settings.setdefault("vocab_size", len(tokenizer))  # larger: ids the tokenizer never produces
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
         max_position_embeddings=512,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -124,6 +124,13 @@ def confident_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random LLaMA (hidden 32) with a locally trained tokenizer."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA at hidden 192: wide enough that packed steps choose rows holding several
+    samples (their attention then costs less than the padding it saves)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("wide-llama"), hidden_size=192, intermediate_size=384)
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ def validate_config(cfg: MloraConfig, host: PluginHost) -> None:
         problems.append("checkpoint_every: must be at least 1 or null")
     if cfg.scheduler.type not in host.schedulers:
         problems.append(f"scheduler.type: {host.schedulers.unknown_message(cfg.scheduler.type)}")
+    problems += [f"scheduler.{p}" for p in _packing_problems(cfg, backend)]
     _validate_monitors(cfg, host, problems)
     problems += [f"distributed.{p}" for p in distributed_problems(cfg.distributed, cfg.base_model)]
     problems += _output_dir_problems(cfg.output_dir)
@@ -67,6 +68,22 @@ def validate_config(cfg: MloraConfig, host: PluginHost) -> None:
         _validate_job(job, f"jobs[{i}]", host, cfg.base_model, targets, seen, problems)
     if problems:
         raise ConfigError(problems)
+
+
+def _packing_problems(cfg: MloraConfig, backend: ModelBackend | None) -> list[str]:
+    """What ``scheduler.packing`` and ``scheduler.pack_length`` cannot be."""
+    sched = cfg.scheduler
+    problems = []
+    if sched.pack_length is not None and sched.pack_length < 1:
+        problems.append("pack_length: must be at least 1 or null")
+    if sched.pack_length is not None and not sched.packing:
+        problems.append("pack_length: only applies with packing: true")
+    if sched.packing and backend is not None and not getattr(backend, "supports_packing", False):
+        problems.append(
+            f"packing: backend {cfg.base_model.backend!r} cannot run packed rows (its model takes no "
+            "per-sample position ids); set packing: false"
+        )
+    return problems
 
 
 def distributed_problems(d: DistributedConfig, base: BaseModelConfig) -> list[str]:

@@ -11,7 +11,7 @@ from mlora_core.evaluation.accuracy import exact_match_accuracy
 from mlora_core.plugin_api.protocols import LoadedModel, Sample
 from mlora_core.plugin_api.routing import RowRouter
 from mlora_core.training.batch import build_batch
-from mlora_core.training.loss import learned_logits, per_job_loss_sums
+from mlora_core.training.loss import learned_token_losses, per_job_loss_sums
 
 Parts = list[tuple[str, list[Sample]]]
 #: (adapter name, held-out samples, rows per batch, whether to measure exact-match accuracy)
@@ -68,8 +68,8 @@ def _loss_sums(
     try:
         batch = build_batch(parts, pad_id).to(device)
         with router.route(batch.segments):
-            logits = learned_logits(loaded, batch)  # (learned positions, V)
-        return [(name, (float(s), n)) for name, (s, n) in per_job_loss_sums(batch, logits).items()]
+            losses = learned_token_losses(loaded, batch)  # (learned positions,)
+        return [(name, (float(s), n)) for name, (s, n) in per_job_loss_sums(batch, losses).items()]
     except torch.OutOfMemoryError:
         rows = [(name, s) for name, samples in parts for s in samples]
         if len(rows) == 1:

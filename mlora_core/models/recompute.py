@@ -41,10 +41,10 @@ def _routed_checkpoint(forward: Callable[..., Any], router: RowRouter) -> Callab
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        segments = router.segments  # this forward's rows; the recomputation routes them again
+        segments, by_tokens = router.segments, router.by_tokens  # routed again in the recomputation
 
         def run(*a: Any, **k: Any) -> Any:
-            with router.route(segments) if segments else contextlib.nullcontext():
+            with router.route(segments, by_tokens=by_tokens) if segments else contextlib.nullcontext():
                 return forward(*a, **k)
 
         return checkpoint(run, *args, use_reentrant=False, **kwargs)

@@ -14,13 +14,19 @@ import torch
 from torch import nn
 
 
-def split_causal_lm(model: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], nn.Module]:
+def split_causal_lm(model: Any) -> tuple[Callable[..., torch.Tensor], nn.Module]:
     """(hidden_states, lm_head) for :class:`mlora_core.plugin_api.protocols.LoadedModel`."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
-    def hidden_states(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T), (B, T) -> (B, T, H)."""
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def hidden_states(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T), (B, T) or None, (B, T) or None -> (B, T, H).
+
+        Packed rows: ``attention_mask`` None and ``position_ids`` restarting at 0 with each
+        sample; transformers' masking utilities then confine attention to each sample.
+        """
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state  # type: ignore[no-any-return]
 
     return hidden_states, head

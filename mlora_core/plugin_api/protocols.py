@@ -33,11 +33,13 @@ class LoadedModel:
     name_or_path: str
     #: Extra facts for summary.json (dtype, parameter bytes, ...).
     info: dict[str, Any] = field(default_factory=dict)
-    #: Optional split of ``model`` for training: ``hidden_states(input_ids (B, T),
-    #: attention_mask (B, T))`` -> final hidden states (B, T, H) before the LM head, and
+    #: Optional split of ``model`` for training: ``hidden_states(input_ids=(B, T),
+    #: attention_mask=(B, T))`` -> final hidden states (B, T, H) before the LM head, and
     #: ``lm_head`` mapping (..., H) -> logits (..., V). With both set, the engine computes
     #: logits only at the positions whose next token is learned (see mlora_core.training.loss).
-    hidden_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: Backends with ``supports_packing`` also take ``position_ids=(B, T)`` with
+    #: ``attention_mask=None`` (packed rows), in ``hidden_states`` and in ``model``.
+    hidden_states: Callable[..., torch.Tensor] | None = None
     lm_head: nn.Module | None = None
     #: Optional: the transformer blocks, in order; ``base_model.activation_checkpointing``
     #: recomputes each block's activations in the backward pass (see mlora_core.models.recompute).
@@ -49,6 +51,10 @@ class ModelBackend(Protocol):
 
     #: Short names of the linear layers adapters may target (``q_proj``, ...).
     target_modules: tuple[str, ...]
+    # Optional attribute ``supports_packing: bool`` (read with getattr, default False): the
+    # loaded model runs packed rows (``scheduler.packing``): ``position_ids`` (B, T) restarting
+    # at 0 with each sample and ``attention_mask=None``, attention confined to each sample.
+    # Validation refuses packing for backends without it.
 
     def validate(self, config: BaseModelConfig) -> list[str]:
         """Problems with ``config`` found without loading the model (missing files, ...)."""

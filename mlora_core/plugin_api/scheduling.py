@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
+from mlora_core.plugin_api.packing import packed_shape
+
 
 class JobView(Protocol):
     """What a scheduler may know about an admitted job."""
@@ -52,12 +54,32 @@ class StepBudget:
     """Limits on one step.
 
     Attributes:
-        max_tokens: rows x padded length of the whole step, or None for no limit.
-        fits: the memory check: would a step of ``rows`` rows padded to ``length`` fit?
+        max_tokens: rows x row length of the whole step (the tokens it computes, pads
+            included), or None for no limit.
+        fits: the memory check: would a step of ``rows`` rows of ``length`` tokens fit?
+        packing: steps are packed (``scheduler.packing``): samples share rows of
+            ``pack_length`` tokens (None: chosen per step, see
+            :func:`~mlora_core.plugin_api.packing.row_length`, with ``attention_parity``), so
+            a step costs about its real tokens rather than its rows times the longest one.
     """
 
     max_tokens: int | None = None
     fits: Callable[[int, int], bool] = field(default=_always_fits)
+    packing: bool = False
+    pack_length: int | None = None
+    attention_parity: int | None = None
+
+    def shape(self, lengths: Sequence[Sequence[int]]) -> tuple[int, int]:
+        """(rows, row length) of a step holding these samples, ``lengths[j]`` job j's, in plan order."""
+        if self.packing:
+            return packed_shape(lengths, self.pack_length, self.attention_parity)
+        flat = [n for job in lengths for n in job]
+        return len(flat), max(flat, default=0)
+
+    def allows_step(self, lengths: Sequence[Sequence[int]]) -> bool:
+        """Whether a step holding these samples (per job, in plan order) is within the limits."""
+        rows, width = self.shape(lengths)
+        return self.allows(rows, width)
 
     def with_default_tokens(self, jobs: Sequence[JobView]) -> StepBudget:
         """This budget, with :func:`default_token_budget` when ``max_tokens`` is None."""
@@ -115,18 +137,17 @@ def pack(candidates: Sequence[JobView], budget: StepBudget, rows_wanted: dict[st
         rows_wanted: job name -> rows it would like (at most the rows left in its batch).
     """
     plan: StepPlan = []
-    total_rows, width = 0, 0
+    taken: list[list[int]] = []  # the lengths of the rows planned so far, per job
     for job in candidates:
         lengths = job.next_lengths()
         rows = min(rows_wanted[job.name], len(lengths))
-        while rows > 0 and not budget.allows(total_rows + rows, max(width, max(lengths[:rows]))):
+        while rows > 0 and not budget.allows_step([*taken, lengths[:rows]]):
             rows -= 1
         if rows == 0 and not plan:
             rows = 1
         if rows > 0:
             plan.append((job.name, rows))
-            total_rows += rows
-            width = max(width, max(lengths[:rows]))
+            taken.append(lengths[:rows])
     return plan
 
 

@@ -33,10 +33,10 @@ from mlora_core.plugin_api.host import PluginHost
 from mlora_core.plugin_api.protocols import LoadedModel, Sample
 from mlora_core.plugin_api.routing import RowRouter
 from mlora_core.plugin_api.scheduling import StepBudget
-from mlora_core.training.batch import MultiJobBatch, build_batch
+from mlora_core.training.batch import MultiJobBatch, build_batch, build_packed_batch
 from mlora_core.training.held_out import HeldOutEvaluator, Results
 from mlora_core.training.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
-from mlora_core.training.loss import learned_logits, per_job_loss_sums
+from mlora_core.training.loss import learned_token_losses, per_job_loss_sums
 from mlora_core.training.memory import MemoryModel, device_memory_limit, reset_step_peak, step_peak
 from mlora_core.training.run_directory import RunDirectory, load_engine_state, load_job_state
 from mlora_core.training.run_stats import RunStats, merge_ranks, step_metrics
@@ -81,6 +81,8 @@ class Engine:
         self.budget = StepBudget(
             max_tokens=tokens * self.strategy.step_ranks if tokens else None,
             fits=lambda rows, width: self.memory.fits(self.strategy.rows_per_rank(rows), width),
+            packing=config.scheduler.packing,
+            pack_length=config.scheduler.pack_length,
         )
         self.utilisation = UtilisationMeter(self.device)
         self.stats = RunStats()
@@ -130,6 +132,9 @@ class Engine:
         if self.strategy.collective_forward:  # before adapters attach: FSDP2 manages only the base
             shard_blocks(self.loaded.blocks, self.world, self.device)
         self.pad_id = pad_token_id(self.loaded.tokenizer)
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        if isinstance(hidden, int):  # packed rows: how much longer rows cost (plugin_api.packing.step_cost)
+            self.budget = dataclasses.replace(self.budget, attention_parity=6 * hidden)
         self.evaluator = HeldOutEvaluator(self.loaded, self.router, self.pad_id, self.device)
         self.jobs = [self._make_job(i, jc) for i, jc in enumerate(self.config.jobs)]
 
@@ -257,7 +262,13 @@ class Engine:
     def _batch(self, parts: list[tuple[str, list[Sample]]]) -> MultiJobBatch | None:
         """This rank's rows of the step as one batch (None: it has no rows this step)."""
         local = [(name, samples) for name, samples in parts if samples]
-        return build_batch(local, self.pad_id).to(self.device) if local else None
+        if not local:
+            return None
+        scheduler = self.config.scheduler
+        if scheduler.packing:
+            batch = build_packed_batch(local, self.pad_id, scheduler.pack_length, self.budget.attention_parity)
+            return batch.to(self.device)
+        return build_batch(local, self.pad_id).to(self.device)
 
     def _forward_backward(self, batch: MultiJobBatch | None, learn: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
         """One forward over this rank's rows, per-job losses, one backward of their finite sum.
@@ -268,18 +279,18 @@ class Engine:
         """
         if batch is None:
             return {}
-        with self.router.route(batch.segments):
-            logits = learned_logits(self.loaded, batch)  # (learned positions, V)
-        sums = per_job_loss_sums(batch, logits)  # job -> (loss sum, learned tokens)
+        with self.router.route(batch.segments, by_tokens=batch.packed):
+            token_losses = learned_token_losses(self.loaded, batch)  # (learned positions,)
+        sums = per_job_loss_sums(batch, token_losses)  # job -> (loss sum, learned tokens)
         by_name = {j.name: j for j in self.jobs}
         losses = {}
-        for seg in batch.segments:
+        for seg, tokens in zip(batch.segments, batch.segment_tokens, strict=True):
             assert seg.adapter is not None
-            loss = by_name[seg.adapter].scale_loss(sums[seg.adapter][0])
-            losses[seg.adapter] = (loss, int(batch.attention_mask[seg.start : seg.stop].sum()))
-        finite = [loss for loss, _ in losses.values() if torch.isfinite(loss)]
-        if finite:
-            total = torch.stack(finite).sum()
+            losses[seg.adapter] = (by_name[seg.adapter].scale_loss(sums[seg.adapter][0]), tokens)
+        stacked = torch.stack([loss for loss, _ in losses.values()])  # (jobs,)
+        finite = torch.isfinite(stacked.detach()).tolist()  # one device sync for every job
+        if any(finite):
+            total = stacked[torch.tensor(finite, device=stacked.device)].sum()
             (total if learn else total * 0).backward()  # type: ignore[no-untyped-call]
         return losses if learn else {}
 
@@ -297,12 +308,13 @@ class Engine:
         """
         n = len(chosen)
         values = torch.zeros(2 * n + 2, dtype=torch.float64)
-        for i, job in enumerate(chosen):
-            if job.name in losses:
-                local_loss, tokens = losses[job.name]
-                values[i], values[n + i] = local_loss.detach().double().cpu(), tokens
+        mine = [i for i, job in enumerate(chosen) if job.name in losses]
+        if mine:  # one device sync for every job's loss
+            local = torch.stack([losses[chosen[i].name][0].detach() for i in mine]).double().cpu()
+            values[mine] = local
+            values[[n + i for i in mine]] = torch.tensor([losses[chosen[i].name][1] for i in mine], dtype=torch.float64)
         values[2 * n] = float(out_of_memory)
-        values[2 * n + 1] = float(out_of_memory and batch is not None and batch.input_ids.shape[0] == 1)
+        values[2 * n + 1] = float(out_of_memory and batch is not None and batch.samples == 1)
         values = self.strategy.reduce_step(values)
         if values[2 * n] > 0:
             self._oom_on_one_row = bool(values[2 * n + 1] > 0)

@@ -23,6 +23,8 @@ class ChatGLMBackend:
 
     #: The module names ChatGLM users target with PEFT.
     target_modules = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    #: Packed rows (``scheduler.packing``): the model takes per-sample position ids.
+    supports_packing = True
 
     def validate(self, config: BaseModelConfig) -> list[str]:
         """Checks config.json, weight and tokenizer files without loading."""

@@ -59,15 +59,21 @@ class RMSNorm(nn.Module):
         return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
 
 
-def rotary_tables(config: ChatGLMConfig, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (T, d / 4), in fp32.
+def rotary_tables(
+    config: ChatGLMConfig, length: int, device: torch.device, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (T, d / 4) (with ``position_ids`` (B, T): (B, T, d / 4)), in fp32.
 
     The rotary part is the first ``d / 2`` dims of a head: ``d / 4`` pairs, pair ``i`` turned
     by ``t * base ** (-2i / (d / 2))`` at position ``t``, with ``base = 10000 * rope_ratio``.
+    Positions are ``0..length-1``, or ``position_ids`` (packed rows: restarting with each sample).
     """
     rot = config.kv_channels // 2
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (T, rot / 2)
+    if position_ids is not None:
+        angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, T, rot / 2)
+    else:
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (T, rot / 2)
     return angles.cos(), angles.sin()
 
 
@@ -77,8 +83,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     pairs = x_rot.reshape(*x_rot.shape[:-1], rot // 2, 2)  # (B, T, heads, rot / 2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
-    c = cos.to(x.dtype)[:, None, :]  # (T, 1, rot / 2), broadcast over batch and heads
-    s = sin.to(x.dtype)[:, None, :]
+    c = cos.to(x.dtype).unsqueeze(-2)  # (T, 1, rot / 2) or (B, T, 1, rot / 2), broadcast over heads
+    s = sin.to(x.dtype).unsqueeze(-2)
     turned = torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2)
     return torch.cat((turned, x_pass), dim=-1)
 
@@ -183,15 +189,30 @@ class ChatGLMModel(nn.Module):
         self.encoder = Encoder(config)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, attention_mask (1 = token): (B, T) -> final hidden states (B, T, H)."""
-        x = self.embedding(input_ids)  # (B, T, H)
-        rope = rotary_tables(self.config, input_ids.shape[1], input_ids.device)
-        return self.encoder(x, rope, attention_mask_4d(attention_mask))  # type: ignore[no-any-return]
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask (1 = token): (B, T) -> final hidden states (B, T, H).
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        Packed rows: ``position_ids`` (B, T) restarting at 0 with each sample, and no
+        attention mask; attention then stays within each sample.
+        """
+        x = self.embedding(input_ids)  # (B, T, H)
+        rope = rotary_tables(self.config, input_ids.shape[1], input_ids.device, position_ids)
+        mask = packed_mask_4d(position_ids) if position_ids is not None else attention_mask_4d(attention_mask)
+        return self.encoder(x, rope, mask)  # type: ignore[no-any-return]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids, attention_mask (1 = token): (B, T) -> logits (B, T, V)."""
-        return self.output_layer(self.hidden_states(input_ids, attention_mask))  # type: ignore[no-any-return]
+        return self.output_layer(self.hidden_states(input_ids, attention_mask, position_ids))  # type: ignore[no-any-return]
 
 
 def attention_mask_4d(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -207,6 +228,19 @@ def attention_mask_4d(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
     keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
     own = torch.eye(t, dtype=torch.bool, device=attention_mask.device)
     return causal & (keys | own)
+
+
+def packed_mask_4d(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions restarting at 0 with each packed sample -> (B, 1, T, T) bool, True = may attend.
+
+    Block-diagonal causal: a position attends to earlier (and its own) positions of its own sample.
+    """
+    t = position_ids.shape[1]
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    sample = starts.cumsum(dim=1)  # (B, T): which sample each position belongs to
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()  # (T, T)
+    return (causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
 
 
 class ChatGLMForCausalLM(nn.Module):
@@ -228,6 +262,14 @@ class ChatGLMForCausalLM(nn.Module):
         """The LM head, which quantization and adapters leave alone."""
         return self.transformer.output_layer
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
-        """input_ids: (B, T) long; attention_mask: (B, T), 1 = token, 0 = pad -> logits (B, T, V)."""
-        return CausalLMOutput(logits=self.transformer(input_ids, attention_mask))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """input_ids: (B, T) long; attention_mask: (B, T), 1 = token, 0 = pad -> logits (B, T, V).
+
+        Packed rows: ``position_ids`` (B, T) instead of the attention mask.
+        """
+        return CausalLMOutput(logits=self.transformer(input_ids, attention_mask, position_ids))

@@ -17,6 +17,9 @@ class LlamaBackend:
     """Loads ``LlamaForCausalLM`` through transformers, frozen, with its tokenizer."""
 
     target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    #: Packed rows (``scheduler.packing``): transformers builds the block-diagonal causal mask
+    #: from position ids that restart with each sample.
+    supports_packing = True
 
     def validate(self, config: BaseModelConfig) -> list[str]:
         try:

@@ -1,5 +1,8 @@
 """``optimal_fit``: the jobs whose rows pad least together, within the step's token budget.
 
+(With ``scheduler.packing`` a step's padding is what packing leaves at row ends; the same
+search then keeps the plan that packs fullest.)
+
 For each candidate padded width ``L`` (the width of some job's next micro-batch, at least
 the anchor's), take the jobs whose micro-batches are no wider than ``L``, widest first, and
 fill the token budget; keep the width whose step has the highest share of real tokens
@@ -33,16 +36,17 @@ class OptimalFitScheduler:
             fitting = [j for j in jobs if j not in must and width[j.name] <= cap]
             rest = sorted(fitting, key=lambda j: (-width[j.name], j.order))
             plan = pack([*must, *rest], budget, wanted)
-            score = _fill(plan, jobs)
+            score = _fill(plan, jobs, budget)
             if best is None or score > best[:2]:
                 best = (*score, plan)
         assert best is not None
         return best[2]
 
 
-def _fill(plan: StepPlan, jobs: Sequence[JobView]) -> tuple[float, int]:
-    """(real tokens / padded tokens, real tokens) of a plan."""
+def _fill(plan: StepPlan, jobs: Sequence[JobView], budget: StepBudget) -> tuple[float, int]:
+    """(real tokens / computed tokens, real tokens) of a plan (computed: rows x row length)."""
     by_name = {j.name: j for j in jobs}
-    lengths = [n for name, rows in plan for n in by_name[name].next_lengths()[:rows]]
-    padded = len(lengths) * max(lengths)
-    return sum(lengths) / padded, sum(lengths)
+    lengths = [by_name[name].next_lengths()[:rows] for name, rows in plan]
+    rows, width = budget.shape(lengths)
+    real = sum(map(sum, lengths))
+    return real / (rows * width), real

@@ -9,6 +9,7 @@ schedule. Tolerance (fp32): max |mlora - peft| <= 1e-6 on every adapter weight.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -55,9 +56,11 @@ def peft_reference(model_dir: Path, jc: Any, init_state: dict, samples: list, pa
     return train_alone_with_peft(base, jc, init_state, samples, pad_id, _chatglm_loss)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_concurrent_training_matches_peft_alone(host, tmp_path, data_dir, chatglm_dir, checkpointing):
-    """Also with activation checkpointing of the native model's blocks."""
+@pytest.mark.parametrize(("checkpointing", "packing"), [(False, False), (True, False), (False, True)])
+def test_concurrent_training_matches_peft_alone(host, tmp_path, data_dir, chatglm_dir, checkpointing, packing):
+    """Also with activation checkpointing of the native model's blocks, and with packed steps
+    (rows as long as the tokens allow: the test counts attention as free, so rows hold several
+    samples even on this narrow model)."""
     jobs = [
         job("qkv", data_dir / "a.jsonl", batch_size=6, micro_batch_size=2, lr=2e-3, warmup_steps=2, max_steps=4,
             adapter=lora(4, 8, "query_key_value")),
@@ -69,15 +72,18 @@ def test_concurrent_training_matches_peft_alone(host, tmp_path, data_dir, chatgl
     for j in jobs:
         j["train"].update(shuffle=False, weight_decay=0.01, max_grad_norm=1.0)
     base = {"path": str(chatglm_dir), "activation_checkpointing": checkpointing}
-    config = load_config(write_config(tmp_path, base, jobs))  # backend detected
+    config = load_config(write_config(tmp_path, base, jobs), [f"scheduler.packing={packing}"])  # backend detected
     engine = Engine(config, host)
     assert config.base_model.backend == "chatglm"
     engine.setup()
+    engine.budget = dataclasses.replace(engine.budget, attention_parity=None)
     init = {j.name: j.adapter.state_dict() for j in engine.jobs}
     samples = {j.name: list(j.data.train) for j in engine.jobs}
     summary = engine.train()
     assert [j["status"] for j in summary["jobs"]] == ["completed"] * 3
     assert [j["steps"] for j in summary["jobs"]] == [4, 3, 3]
+    if packing:
+        assert summary["padding_fraction"] < 0.05
 
     for jc in config.jobs:
         out = Path(config.output_dir) / jc.name
@@ -120,12 +126,21 @@ def test_glm4_transformers_checkpoint_trains(host, tmp_path, data_dir, tiny_llam
         job("attn", data_dir / "a.jsonl", max_steps=2, adapter=lora(4, 8, "q_proj", "v_proj")),
         job("mlp", data_dir / "b.jsonl", max_steps=2, adapter=lora(2, 4, "gate_up_proj", "down_proj")),
     ]
-    run = load_config(write_config(tmp_path, {"path": str(out)}, jobs))
-    summary = Engine(run, host).run()
-    assert run.base_model.backend == "glm"
-    assert [j["status"] for j in summary["jobs"]] == ["completed", "completed"]
-    saved = load_file(str(Path(run.output_dir) / "attn" / "adapter_model.safetensors"))
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in saved
+    saved = {}
+    for packing in (False, True):  # packed rows (attention counted free, so rows hold several samples)
+        overrides = [f"scheduler.packing={packing}", f"output_dir={tmp_path / f'out-{packing}'}"]
+        run = load_config(write_config(tmp_path, {"path": str(out)}, jobs), overrides)
+        engine = Engine(run, host)
+        engine.setup()
+        engine.budget = dataclasses.replace(engine.budget, attention_parity=None)
+        summary = engine.train()
+        assert run.base_model.backend == "glm"
+        assert [j["status"] for j in summary["jobs"]] == ["completed", "completed"]
+        assert (summary["padding_fraction"] < 0.05) == packing
+        saved[packing] = load_file(str(Path(run.output_dir) / "attn" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in saved[False]
+    for key, value in saved[False].items():
+        assert ((saved[True][key] - value).norm() / value.norm()).item() <= 1e-5, key
 
 
 def test_lora_and_qlora_jobs_over_a_quantized_chatglm(host, tmp_path, data_dir, chatglm_dir):
