@@ -143,13 +143,13 @@ def phase_timers(engines: list[Engine]) -> Iterator[dict[str, float]]:
         return wrapper
 
     saved = {
-        (engine_module, "learned_logits"): engine_module.learned_logits,
+        (engine_module, "learned_token_losses"): engine_module.learned_token_losses,
         (engine_module, "per_job_loss_sums"): engine_module.per_job_loss_sums,
         (Engine, "_forward_backward"): Engine._forward_backward,
         (Engine, "_step_optimizers"): Engine._step_optimizers,
         (LoraLinear, "forward"): LoraLinear.forward,
     }
-    engine_module.learned_logits = timed("forward", engine_module.learned_logits)  # type: ignore[assignment]
+    engine_module.learned_token_losses = timed("forward", engine_module.learned_token_losses)  # type: ignore[assignment]
     engine_module.per_job_loss_sums = timed("loss", engine_module.per_job_loss_sums)  # type: ignore[assignment]
     Engine._forward_backward = timed("forward_backward", Engine._forward_backward)  # type: ignore[method-assign]
     Engine._step_optimizers = timed("optimizers", Engine._step_optimizers)  # type: ignore[method-assign]

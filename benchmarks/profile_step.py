@@ -79,7 +79,7 @@ def _measure(args: argparse.Namespace) -> None:
     from mlora_core.plugin_api.protocols import Sample
     from mlora_core.plugin_api.routing import RowRouter
     from mlora_core.training.batch import build_batch
-    from mlora_core.training.loss import learned_logits, per_job_loss_sums
+    from mlora_core.training.loss import learned_token_losses, per_job_loss_sums
     from mlora_core.training.memory import reset_step_peak, step_peak
 
     host = create_plugin_manager(autoload=False)
@@ -111,8 +111,8 @@ def _measure(args: argparse.Namespace) -> None:
 
     def step(which: str) -> None:
         with router.route(batch.segments):
-            logits = learned_logits(variants[which], batch)
-        sums = per_job_loss_sums(batch, logits)
+            losses = learned_token_losses(variants[which], batch)
+        sums = per_job_loss_sums(batch, losses)
         torch.stack([s / max(n, 1) for s, n in sums.values()]).sum().backward()
         for adapter in adapters:
             for p in adapter.parameters():

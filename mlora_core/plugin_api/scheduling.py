@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-from mlora_core.plugin_api.packing import packed_shape
+from mlora_core.plugin_api.packing import PackedFill, packed_shape, row_length
 
 
 class JobView(Protocol):
@@ -76,6 +76,16 @@ class StepBudget:
         flat = [n for job in lengths for n in job]
         return len(flat), max(flat, default=0)
 
+    def plan_step(self, lengths: Sequence[Sequence[int]]) -> PlannedStep:
+        """An empty step to add jobs to; ``lengths``: every row that may join it (per job).
+
+        Packed: its row length is the one those rows would get, kept while jobs are added.
+        """
+        if not self.packing:
+            return PlannedStep()
+        width = row_length(lengths, self.pack_length, self.attention_parity)
+        return PlannedStep(width=width, fill=PackedFill(width))
+
     def allows_step(self, lengths: Sequence[Sequence[int]]) -> bool:
         """Whether a step holding these samples (per job, in plan order) is within the limits."""
         rows, width = self.shape(lengths)
@@ -88,6 +98,23 @@ class StepBudget:
     def allows(self, rows: int, length: int) -> bool:
         within = self.max_tokens is None or rows * length <= self.max_tokens
         return within and self.fits(rows, length)
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """A step being planned job by job: its rows and row length so far (from :meth:`StepBudget.plan_step`)."""
+
+    rows: int = 0
+    width: int = 0
+    #: Packed steps: the rows' free space.
+    fill: PackedFill | None = None
+
+    def with_job(self, lengths: Sequence[int]) -> PlannedStep:
+        """This step with a job's rows of these lengths added after the others."""
+        if self.fill is None:
+            return PlannedStep(self.rows + len(lengths), max(self.width, max(lengths, default=0)))
+        fill = self.fill.with_job(lengths)
+        return PlannedStep(fill.rows, fill.width, fill)
 
 
 class BatchScheduler(Protocol):
@@ -136,19 +163,25 @@ def pack(candidates: Sequence[JobView], budget: StepBudget, rows_wanted: dict[st
         budget: token and memory limits of the step.
         rows_wanted: job name -> rows it would like (at most the rows left in its batch).
     """
+    everything = [(job, job.next_lengths()[: rows_wanted[job.name]]) for job in candidates]
+    if budget.allows_step([lengths for _, lengths in everything]):  # the common case: one check
+        return [(job.name, len(lengths)) for job, lengths in everything if lengths]
     plan: StepPlan = []
-    taken: list[list[int]] = []  # the lengths of the rows planned so far, per job
-    for job in candidates:
-        lengths = job.next_lengths()
-        rows = min(rows_wanted[job.name], len(lengths))
-        while rows > 0 and not budget.allows_step([*taken, lengths[:rows]]):
+    step = budget.plan_step([lengths for _, lengths in everything])
+    for job, wanted in everything:
+        rows = len(wanted)
+        while rows > 0 and not _allows(budget, step.with_job(wanted[:rows])):
             rows -= 1
         if rows == 0 and not plan:
             rows = 1
         if rows > 0:
             plan.append((job.name, rows))
-            taken.append(lengths[:rows])
+            step = step.with_job(job.next_lengths()[:rows])
     return plan
+
+
+def _allows(budget: StepBudget, step: PlannedStep) -> bool:
+    return budget.allows(step.rows, step.width)
 
 
 def starving(jobs: Sequence[JobView], max_wait: int) -> list[JobView]:

@@ -224,9 +224,9 @@ class Engine:
             self._recover_from_oom(chosen, batch)
             return
         seconds = time.perf_counter() - started
-        if batch is not None:
-            self.report.run = self._record_step(chosen, batch, seconds)
         self.report.metrics |= self._step_optimizers(chosen, totals, seconds)
+        if batch is not None:  # the step's time includes the optimizer steps
+            self.report.run = self._record_step(chosen, batch, time.perf_counter() - started)
         self._evaluate_during([job for job in chosen if job.eval_due() and self._evaluates(job)])
         for job in chosen:
             if job.status != RUNNING:

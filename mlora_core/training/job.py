@@ -72,8 +72,15 @@ class Job:
         self.early_stopping = EarlyStopping(config.train.early_stop)
         t = config.train
         self.params = adapter.parameters()
+        # foreach: one multi-tensor kernel per update over the adapter's many small tensors
+        # (the default on CPU is a Python loop over them).
         self.optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
-            self.params, lr=t.lr, betas=(t.adam_betas[0], t.adam_betas[1]), eps=t.adam_eps, weight_decay=t.weight_decay
+            self.params,
+            lr=t.lr,
+            betas=(t.adam_betas[0], t.adam_betas[1]),
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+            foreach=True,
         )
         self.batches = optimizer_batches([len(s) for s in data.train], t)
         self.total_steps = len(self.batches)
@@ -160,11 +167,11 @@ class Job:
         assert self.optimizer is not None and self.lr_schedule is not None
         p = self.progress
         max_norm = self.config.train.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm else float("inf"), foreach=True)
         lr = self.optimizer.param_groups[0]["lr"]
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {float(grad_norm)}")
-        self._last_good = [param.detach().clone() for param in self.params]
+        torch._foreach_copy_(self._last_good, [param.detach() for param in self.params])  # no new tensors
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -239,7 +246,7 @@ class Job:
         tensors: dict[str, torch.Tensor] = {}
         for i, param in enumerate(self.params):
             tensors[f"param.{i}"] = param.detach().cpu().clone()
-            tensors[f"last_good.{i}"] = self._last_good[i].cpu()
+            tensors[f"last_good.{i}"] = self._last_good[i].cpu().clone()  # updated in place later
             if grads[i] is not None:
                 tensors[f"grad.{i}"] = grads[i].detach().cpu().clone()  # type: ignore[union-attr]
             if best is not None:

