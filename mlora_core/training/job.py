@@ -72,15 +72,16 @@ class Job:
         self.early_stopping = EarlyStopping(config.train.early_stop)
         t = config.train
         self.params = adapter.parameters()
-        # foreach: one multi-tensor kernel per update over the adapter's many small tensors
-        # (the default on CPU is a Python loop over them).
+        # fused: one kernel over the adapter's many small tensors (the default on CPU is a
+        # Python loop over them; 120 tensors of SmolLM2's q/v adapter: 19 ms single-tensor,
+        # 14 ms foreach, 6 ms fused per step, clipping included).
         self.optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
             self.params,
             lr=t.lr,
             betas=(t.adam_betas[0], t.adam_betas[1]),
             eps=t.adam_eps,
             weight_decay=t.weight_decay,
-            foreach=True,
+            fused=True,
         )
         self.batches = optimizer_batches([len(s) for s in data.train], t)
         self.total_steps = len(self.batches)

@@ -113,10 +113,14 @@ def test_jobs_on_two_ranks_equal_one_process(make_config, data_dir, host, tmp_pa
         assert [e.step for e in acc.Scalars(f"{name}/train_loss")] == list(range(1, n + 1))
 
 
-def test_rows_on_two_ranks_equal_one_process_with_uneven_shares(make_config, data_dir, host, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_rows_on_two_ranks_equal_one_process_with_uneven_shares(
+    make_config, data_dir, host, tmp_path, wide_llama_dir, packing
+):
     """Micro-batches of 3 rows split 1 + 2 over the ranks, and rows of different lengths: the
     ranks hold different learned-token counts in most steps, which averaging per-rank mean
-    losses would get wrong."""
+    losses would get wrong. Packed: each rank packs its own share (on the wider model, whose
+    rows hold several samples)."""
     jobs = [
         job("odd", data_dir / "a.jsonl", max_steps=5, batch_size=6, micro_batch_size=3, lr=5e-3),
         job("even", data_dir / "b.jsonl", max_steps=4, batch_size=4, micro_batch_size=2, lr=5e-3),
@@ -129,7 +133,8 @@ def test_rows_on_two_ranks_equal_one_process_with_uneven_shares(make_config, dat
         "dropout": 0.0,
         "target_modules": ["q_proj", "down_proj"],
     }
-    config = make_config(jobs)
+    packed = {"base_model": {"path": str(wide_llama_dir)}, "scheduler": {"packing": True}} if packing else {}
+    config = make_config(jobs, **packed)
     done = _run(config, "--nproc", "2", "distributed.strategy=rows")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
