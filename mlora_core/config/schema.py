@@ -54,8 +54,9 @@ class SchedulerConfig:
     #: memory, or the available RAM on CPU, less 10%). Set to 0 to turn the check off.
     memory_limit: Optional[int] = None
     #: Lay each step's samples (of every job) end to end in rows, each sample with its own
-    #: positions and attention, instead of one padded row per sample.
-    packing: bool = False
+    #: positions and attention, instead of one padded row per sample. null: when the backend
+    #: supports it (validation sets true or false).
+    packing: Optional[bool] = None
     #: The most tokens a packed row may hold (null: no cap); a longer sample gets a row of its
     #: own length. Each step picks the row length that costs least (padding at row ends
     #: against attention, which grows with the row length squared).

@@ -74,11 +74,14 @@ def _packing_problems(cfg: MloraConfig, backend: ModelBackend | None) -> list[st
     """What ``scheduler.packing`` and ``scheduler.pack_length`` cannot be."""
     sched = cfg.scheduler
     problems = []
+    supported = backend is not None and bool(getattr(backend, "supports_packing", False))
+    if sched.packing is None:  # the default: pack when the backend can
+        sched.packing = supported
     if sched.pack_length is not None and sched.pack_length < 1:
         problems.append("pack_length: must be at least 1 or null")
     if sched.pack_length is not None and not sched.packing:
-        problems.append("pack_length: only applies with packing: true")
-    if sched.packing and backend is not None and not getattr(backend, "supports_packing", False):
+        problems.append("pack_length: only applies when steps are packed (packing: true)")
+    if sched.packing and backend is not None and not supported:
         problems.append(
             f"packing: backend {cfg.base_model.backend!r} cannot run packed rows (its model takes no "
             "per-sample position ids); set packing: false"

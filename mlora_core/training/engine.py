@@ -81,7 +81,7 @@ class Engine:
         self.budget = StepBudget(
             max_tokens=tokens * self.strategy.step_ranks if tokens else None,
             fits=lambda rows, width: self.memory.fits(self.strategy.rows_per_rank(rows), width),
-            packing=config.scheduler.packing,
+            packing=bool(config.scheduler.packing),
             pack_length=config.scheduler.pack_length,
         )
         self.utilisation = UtilisationMeter(self.device)

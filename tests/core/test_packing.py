@@ -220,8 +220,39 @@ def test_packed_training_equals_padded_training(
 
 
 def test_validation_refuses_packing_settings_that_cannot_work(make_config, data_dir, host):
-    config = load_config(make_config([job("a", data_dir / "a.jsonl")], scheduler={"pack_length": 0}))
+    scheduler = {"packing": False, "pack_length": 0}
+    config = load_config(make_config([job("a", data_dir / "a.jsonl")], scheduler=scheduler))
     with pytest.raises(ConfigError) as err:
         validate_config(config, host)
     assert "scheduler.pack_length: must be at least 1 or null" in str(err.value)
-    assert "scheduler.pack_length: only applies with packing: true" in str(err.value)
+    assert "scheduler.pack_length: only applies when steps are packed (packing: true)" in str(err.value)
+
+
+def test_packing_is_on_by_default_where_the_backend_supports_it(make_config, data_dir, host):
+    config = load_config(make_config([job("a", data_dir / "a.jsonl")]))
+    assert config.scheduler.packing is None  # null: decided by validation
+    validate_config(config, host)
+    assert config.scheduler.packing is True  # llama supports it
+    explicit = load_config(make_config([job("a", data_dir / "a.jsonl")], scheduler={"packing": False}))
+    validate_config(explicit, host)
+    assert explicit.scheduler.packing is False
+
+
+def test_packing_is_refused_for_a_backend_without_it(make_config, data_dir, host):
+    """A backend that does not declare ``supports_packing`` trains padded by default and
+    refuses an explicit ``packing: true`` with a one-line reason."""
+    llama = host.backends.create("llama")
+
+    class PaddedOnly:  # the llama backend without the declaration
+        target_modules = llama.target_modules
+        validate = llama.validate
+        load = llama.load
+
+    host.backends.register("padded_only", PaddedOnly, plugin="test")
+    base = {"backend": "padded_only"}
+    config = load_config(make_config([job("a", data_dir / "a.jsonl")], base_model=base))
+    validate_config(config, host)
+    assert config.scheduler.packing is False
+    forced = load_config(make_config([job("a", data_dir / "a.jsonl")], base_model=base, scheduler={"packing": True}))
+    with pytest.raises(ConfigError, match="packing: backend 'padded_only' cannot run packed rows"):
+        validate_config(forced, host)
