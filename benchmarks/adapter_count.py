@@ -84,7 +84,7 @@ def config_for(jobs: int, args: argparse.Namespace, model: str, data: Path, out:
     train = {"batch_size": rows, "micro_batch_size": rows, "lr": 1e-4, "shuffle": False}
     return {
         "base_model": {"backend": "llama", "path": model, "dtype": "fp32"},
-        "scheduler": {"type": "trivial", "memory_limit": 0},  # never shrink a step
+        "scheduler": {"type": "trivial", "memory_limit": 0, "packing": False},  # never shrink a step; padded rows
         "monitor": {"console": None},  # the jsonl monitor stays, as in a normal run
         "output_dir": str(out / f"J{jobs}"),
         "jobs": [

@@ -69,7 +69,7 @@ def config_for(strategy: str, data: dict[str, Path], steps: int, out: Path, mode
     ]
     return {
         "base_model": {"backend": "llama", "path": model, "dtype": "bf16"},
-        "scheduler": STRATEGIES[strategy],
+        "scheduler": {**STRATEGIES[strategy], "packing": False},  # padded steps, as the schedulers were compared
         "monitor": {"console": None},
         "output_dir": str(out / strategy),
         "jobs": jobs,

@@ -54,7 +54,7 @@ class ModelBackend(Protocol):
     # Optional attribute ``supports_packing: bool`` (read with getattr, default False): the
     # loaded model runs packed rows (``scheduler.packing``): ``position_ids`` (B, T) restarting
     # at 0 with each sample and ``attention_mask=None``, attention confined to each sample.
-    # Validation refuses packing for backends without it.
+    # The default packs exactly when it is set; an explicit packing: true without it is refused.
 
     def validate(self, config: BaseModelConfig) -> list[str]:
         """Problems with ``config`` found without loading the model (missing files, ...)."""

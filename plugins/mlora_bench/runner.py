@@ -135,9 +135,8 @@ class Bench:
         """The ``scheduler:`` section of an mlora method's config."""
         packed = method == "mlora_packed" or self.a.packing
         kind = (self.a.packed_scheduler or self.a.scheduler) if method == "mlora_packed" else self.a.scheduler
-        section: dict[str, Any] = {"type": "trivial" if method == "floor" else kind}
-        if packed:
-            section["packing"] = True
+        # Explicit either way: the default (null) packs wherever the backend can.
+        section: dict[str, Any] = {"type": "trivial" if method == "floor" else kind, "packing": packed}
         if method == "mlora_seq":
             section["max_concurrent_jobs"] = 1  # the jobs one after another, in one process
         if self.cap is not None:

@@ -162,7 +162,10 @@ def test_mlora_configs_pack_when_asked(tmp_path: Path) -> None:
         bench_args("--jobs", "2", "--scheduler", "optimal_fit", "--packed-scheduler", "fast_fit"), tmp_path, "m"
     )
     scheduler = {m: yaml.safe_load(bench._mlora_config(m).read_text())["scheduler"] for m in ("mlora", "mlora_packed")}
-    assert scheduler == {"mlora": {"type": "optimal_fit"}, "mlora_packed": {"type": "fast_fit", "packing": True}}
+    assert scheduler == {
+        "mlora": {"type": "optimal_fit", "packing": False},  # explicit: the default packs
+        "mlora_packed": {"type": "fast_fit", "packing": True},
+    }
     (tmp_path / "c").mkdir()
     capped = Bench(bench_args("--jobs", "2", "--packing"), tmp_path / "c", "m", cap_bytes=2.0**30)
     assert capped._scheduler("mlora_seq") == {
