@@ -75,10 +75,10 @@ class SmallDevice:
                 loaded = super().load(config)
                 hidden_states = loaded.hidden_states  # what training and evaluation call
 
-                def limited(input_ids, attention_mask):
+                def limited(input_ids, attention_mask, **packed):  # packed rows: position_ids too
                     if input_ids.shape[0] > MAX_ROWS:
                         raise torch.OutOfMemoryError(f"pretend device: {input_ids.shape[0]} rows")
-                    return hidden_states(input_ids, attention_mask)
+                    return hidden_states(input_ids, attention_mask, **packed)
 
                 loaded.hidden_states = limited
                 return loaded
