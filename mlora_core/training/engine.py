@@ -264,10 +264,9 @@ class Engine:
         local = [(name, samples) for name, samples in parts if samples]
         if not local:
             return None
-        scheduler = self.config.scheduler
-        if scheduler.packing:
-            batch = build_packed_batch(local, self.pad_id, scheduler.pack_length, self.budget.attention_parity)
-            return batch.to(self.device)
+        budget = self.budget  # the schedulers planned this step with the same packing settings
+        if budget.packing:
+            return build_packed_batch(local, self.pad_id, budget.pack_length, budget.attention_parity).to(self.device)
         return build_batch(local, self.pad_id).to(self.device)
 
     def _forward_backward(self, batch: MultiJobBatch | None, learn: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
