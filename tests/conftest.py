@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random LLaMA checkpoint with a locally trained tokenizer, alpaca data, configs."""
+"""Shared fixtures: tiny random checkpoints (LLaMA and the other decoder families) with a locally
+trained tokenizer, alpaca data, configs."""
 
 from __future__ import annotations
 
@@ -60,11 +61,47 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+#: A tiny checkpoint of each decoder family (``model_type``), with settings that exercise
+#: what sets it apart: sliding windows shorter than a sample, Gemma 2's logit soft-capping,
+#: Granite's multipliers. Tests parametrized over families use these.
+FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": 24},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {"sliding_window": 24, "final_logit_softcapping": 3.0},
+    "gemma3_text": {"sliding_window": 24},
+    "phi3": {},
+    "olmo2": {},
+    "granite": {"logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5},
+}
+
+
+def write_gguf_metadata(path: Path, architecture: str, name: str = "tiny") -> Path:
+    """A real GGUF file (written by the ``gguf`` package) with metadata and no tensors: enough
+    for detection, which reads only ``general.architecture``."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_name(name)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def build_tiny_llama(out: Path, **overrides: Any) -> Path:
     """Save a 2-layer random LlamaForCausalLM (safetensors) with a byte-level BPE tokenizer in ``out``."""
+    return build_tiny_decoder(out, "llama", **overrides)
+
+
+def build_tiny_decoder(out: Path, model_type: str, **overrides: Any) -> Path:
+    """Save a 2-layer random ``model_type`` causal LM (transformers' own class, safetensors) with a
+    byte-level BPE tokenizer in ``out``; ``overrides`` go to its config, after :data:`FAMILY_SETTINGS`."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from mlora_data.templates import ALPACA
 
@@ -82,19 +119,22 @@ def build_tiny_llama(out: Path, **overrides: Any) -> Path:
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
+        **FAMILY_SETTINGS[model_type],
         **overrides,
     }
     settings.setdefault("vocab_size", len(tokenizer))  # larger: ids the tokenizer never produces
-    config = LlamaConfig(
+    settings.setdefault("head_dim", settings["hidden_size"] // settings["num_attention_heads"])
+    config = AutoConfig.for_model(
+        model_type,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=model_type.startswith("gemma"),  # as the families ship
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         **settings,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -131,6 +171,31 @@ def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaMA at hidden 192: wide enough that packed steps choose rows holding several
     samples (their attention then costs less than the padding it saves)."""
     return build_tiny_llama(tmp_path_factory.mktemp("wide-llama"), hidden_size=192, intermediate_size=384)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_decoder(model_type, wide=False)``: the family's tiny checkpoint (:func:`build_tiny_decoder`),
+    built once; ``wide``: at hidden 192, as :func:`wide_llama_dir` (packed rows then hold several samples)."""
+    built: dict[tuple[str, bool], Path] = {}
+
+    def get(model_type: str, wide: bool = False) -> Path:
+        if (model_type, wide) not in built:
+            out = tmp_path_factory.mktemp(f"{'wide' if wide else 'tiny'}-{model_type}")
+            sizes = {"hidden_size": 192, "intermediate_size": 384} if wide else {}
+            built[model_type, wide] = build_tiny_decoder(out, model_type, **sizes)
+        return built[model_type, wide]
+
+    return get
+
+
+def family_targets(model_type: str, llama_names: list[str]) -> list[str]:
+    """LLaMA layer names as the family calls them (Phi-3 fuses q/k/v and gate/up)."""
+    if model_type != "phi3":
+        return llama_names
+    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj"}
+    names = [fused.get(n, n) for n in llama_names if n != "up_proj"] or ["gate_up_proj"]
+    return list(dict.fromkeys(names))
 
 
 @pytest.fixture

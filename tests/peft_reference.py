@@ -54,11 +54,12 @@ def train_alone_with_peft(
 
 
 def reference_base(model_dir: Path, quantize: str | None):
-    """The base model as transformers loads it, quantized by transformers' own bitsandbytes path."""
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    """The base model as transformers loads it (its own class for the checkpoint's family),
+    quantized by transformers' own bitsandbytes path."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if quantize is None:
-        return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if quantize == "int8":
         bnb_config = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -68,7 +69,7 @@ def reference_base(model_dir: Path, quantize: str | None):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
-    model = LlamaForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=bnb_config, device_map="cpu", dtype=torch.float32
     )
     for module in model.modules():  # the CPU repacking trap of FACTS.md

@@ -17,8 +17,10 @@ from safetensors.torch import save_file
 from mlora_chatglm.backend import ChatGLMBackend
 from mlora_core.config.schema import BaseModelConfig
 
-#: THUDM's config.json keys, at a tiny size.
+#: THUDM's config.json keys, at a tiny size. The name says ChatGLM3-6B-32k, whose code
+#: multiplies the rotary base by ``rope_ratio`` (ChatGLM2-6B-32k's divides the positions).
 TINY = {
+    "_name_or_path": "THUDM/chatglm3-6b-32k",
     "architectures": ["ChatGLMModel"],
     "auto_map": {
         "AutoConfig": "configuration_chatglm.ChatGLMConfig",
@@ -166,11 +168,22 @@ def load(path: Path, dtype: str = "fp32") -> Any:
     return ChatGLMBackend().load(BaseModelConfig(backend="chatglm", path=str(path), dtype=dtype))
 
 
-def to_glm(weights: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
-    """transformers' GlmConfig and the same weights under GlmForCausalLM's names (FACTS.md)."""
+def to_glm(
+    weights: dict[str, torch.Tensor], cfg: dict[str, Any], interpolate: bool = False
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """transformers' GlmConfig and the same weights under GlmForCausalLM's names (FACTS.md).
+
+    ``rope_ratio`` becomes ``rope_theta = 10000 * rope_ratio`` (ChatGLM3-6B-32k, GLM-4), or with
+    ``interpolate`` transformers' linear RoPE scaling with ``factor = rope_ratio``, which divides
+    the positions by it with the base left at 10000 (ChatGLM2-6B-32k).
+    """
     from transformers import GlmConfig
 
     n, g, d = cfg["num_attention_heads"], cfg["multi_query_group_num"], cfg["kv_channels"]
+    ratio = float(cfg.get("rope_ratio", 1.0))
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0 * ratio, "partial_rotary_factor": 0.5}
+    if interpolate:
+        rope = {"rope_type": "linear", "factor": ratio, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     config = GlmConfig(
         vocab_size=cfg["padded_vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -180,11 +193,7 @@ def to_glm(weights: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[Any, 
         num_key_value_heads=g,
         head_dim=d,
         rms_norm_eps=cfg["layernorm_epsilon"],  # GlmConfig's default differs
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0 * cfg["rope_ratio"],
-            "partial_rotary_factor": 0.5,
-        },
+        rope_parameters=rope,
         attention_bias=True,
         tie_word_embeddings=False,
         pad_token_id=0,

@@ -85,7 +85,10 @@ class AdapterConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    #: Short names of the linear layers to adapt; null: the backend's default targets
+    #: (``default_target_modules``: q_proj and v_proj for LLaMA-like families, qkv_proj for
+    #: Phi-3, query_key_value for ChatGLM), filled in by config validation.
+    target_modules: Optional[List[str]] = None
     options: Dict[str, Any] = field(default_factory=dict)
 
 

@@ -18,6 +18,7 @@ from mlora_core.config.schema import (
     DTYPES,
     LR_SCHEDULERS,
     STRATEGIES,
+    AdapterConfig,
     BaseModelConfig,
     DistributedConfig,
     JobConfig,
@@ -65,9 +66,28 @@ def validate_config(cfg: MloraConfig, host: PluginHost) -> None:
     seen: set[str] = set()
     targets = backend.target_modules if backend is not None else ()
     for i, job in enumerate(cfg.jobs):
+        if backend is not None:
+            problems += [f"jobs[{i}].adapter.{p}" for p in fill_default_targets(job.adapter, backend)]
         _validate_job(job, f"jobs[{i}]", host, cfg.base_model, targets, seen, problems)
     if problems:
         raise ConfigError(problems)
+
+
+def fill_default_targets(adapter: AdapterConfig, backend: ModelBackend) -> list[str]:
+    """Set a null ``adapter.target_modules`` to the backend's ``default_target_modules``.
+
+    Backends without that attribute default to q_proj and v_proj when they have both;
+    otherwise the job must name its targets, and the problem says so.
+    """
+    if adapter.target_modules is not None:
+        return []
+    default = getattr(backend, "default_target_modules", None)
+    if default is None and {"q_proj", "v_proj"} <= set(backend.target_modules):
+        default = ("q_proj", "v_proj")
+    if not default:
+        return [f"target_modules: this backend has no default; name some of: {', '.join(backend.target_modules)}"]
+    adapter.target_modules = list(default)
+    return []
 
 
 def _packing_problems(cfg: MloraConfig, backend: ModelBackend | None) -> list[str]:
@@ -186,10 +206,20 @@ def _detect_backend(model_path: str, host: PluginHost, problems: list[str]) -> s
     if name is None:
         seen = f"model_type {model_config.get('model_type')!r}" if model_config is not None else "no config.json"
         problems.append(
-            f"base_model.backend: not set, and no plugin recognises {path} ({seen}); "
-            f"set it to one of: {', '.join(host.backends)}"
+            f"base_model.path: no backend recognises {path} ({seen}); supported model types: "
+            f"{', '.join(supported_model_types(host))}; a plugin adds a backend through the "
+            "mlora_register_backends and mlora_detect_backend hooks (docs/plugins/hooks.md)"
         )
     return name
+
+
+def supported_model_types(host: PluginHost) -> list[str]:
+    """config.json ``model_type`` values the registered backends load (their ``model_types``),
+    or the backend's name for backends that do not say."""
+    types: list[str] = []
+    for name in host.backends:
+        types += getattr(host.backends.create(name), "model_types", (name,))
+    return sorted(set(types))
 
 
 def _output_dir_problems(output_dir: str) -> list[str]:

@@ -2,7 +2,9 @@
 
 A held-out :class:`~mlora_core.plugin_api.protocols.Sample` carries its own question and answer: the
 unlearned prefix (label -100) is the prompt, the learned rest (up to EOS) the answer. The
-greedy answer matches when both decode to the same text after stripping whitespace.
+greedy answer matches when both decode to the same text after stripping whitespace. A sample
+whose answer (generated or reference) the tokenizer fails to decode counts as a miss: one
+sample never ends the evaluation, or the run.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from mlora_core.generation.decode import GenerationRequest, GenerationSettings, generate
+from mlora_core.generation.decode import GenerationRequest, GenerationSettings, generate, stop_token_ids
 from mlora_core.plugin_api.conventions import IGNORE_INDEX
 from mlora_core.plugin_api.protocols import Sample
 from mlora_core.plugin_api.routing import RowRouter
@@ -55,7 +57,8 @@ def exact_match_accuracy(
         return {}
     longest = max(len(a) for a in references)
     settings = GenerationSettings(max_new_tokens=longest + EXTRA_TOKENS)
-    results = generate(model, router, requests, settings, {eos_id}, pad_id, batch_size=batch_size)
+    stop = stop_token_ids(model, tokenizer)
+    results = generate(model, router, requests, settings, stop, pad_id, batch_size=batch_size)
     hits: dict[str, list[bool]] = {name: [] for name, _ in sets}
     for owner, result, answer in zip(owners, results, references, strict=True):
         hits[owner].append(answer_matches(tokenizer, result.token_ids, answer))
@@ -65,12 +68,19 @@ def exact_match_accuracy(
 def answer_matches(tokenizer: Any, said: Sequence[int], answer: Sequence[int]) -> bool:
     """Whether the generated ids ``said`` decode to the reference ``answer``'s text (whitespace stripped).
 
-    A model may generate ids its tokenizer cannot decode: ChatGLM's vocabulary is padded
-    past its tokenizer's (65,024 rows for about 64,800 tokens). Such an answer is wrong, not
+    A model may generate ids its tokenizer cannot decode (ChatGLM's vocabulary is padded past
+    its tokenizer's: 65,024 rows for about 64,800 tokens), and a tokenizer may fail on other
+    input in its own ways. Whatever ``decode`` raises for either side, the answer is wrong, not
     an error.
     """
+    said_text, answer_text = decoded(tokenizer, said), decoded(tokenizer, answer)
+    return said_text is not None and answer_text is not None and said_text.strip() == answer_text.strip()
+
+
+def decoded(tokenizer: Any, ids: Sequence[int]) -> str | None:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, or None when it raises or returns no string."""
     try:
-        text = tokenizer.decode(list(said), skip_special_tokens=True)
-    except (IndexError, KeyError, ValueError, TypeError, OverflowError):
-        return False
-    return bool(text.strip() == tokenizer.decode(list(answer), skip_special_tokens=True).strip())
+        text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    except Exception:  # any failure of one sample's decoding is that sample's miss
+        return None
+    return text if isinstance(text, str) else None

@@ -75,6 +75,18 @@ class GenerationResult:
     finish_reason: FinishReason = "length"
 
 
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """The tokenizer's EOS token and the model's generation-config EOS tokens (chat models
+    list their end-of-turn token there: Gemma's ``<end_of_turn>``, Qwen's ``<|im_end|>``)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(i) for i in configured)
+    return ids
+
+
 def generate(
     model: nn.Module,
     router: RowRouter,

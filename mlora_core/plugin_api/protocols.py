@@ -55,6 +55,10 @@ class ModelBackend(Protocol):
     # loaded model runs packed rows (``scheduler.packing``): ``position_ids`` (B, T) restarting
     # at 0 with each sample and ``attention_mask=None``, attention confined to each sample.
     # The default packs exactly when it is set; an explicit packing: true without it is refused.
+    # Optional attribute ``default_target_modules: tuple[str, ...]``: the targets of a job that
+    # names none (default: q_proj and v_proj when the backend has both).
+    # Optional attribute ``model_types: tuple[str, ...]``: the config.json ``model_type`` values
+    # it loads, listed when no backend recognises a checkpoint (default: the backend's name).
 
     def validate(self, config: BaseModelConfig) -> list[str]:
         """Problems with ``config`` found without loading the model (missing files, ...)."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlora_core.models.transformers_split import LogitsHead
 from mlora_core.plugin_api.conventions import IGNORE_INDEX
 from mlora_core.plugin_api.protocols import LoadedModel
 from mlora_core.training.batch import MultiJobBatch
@@ -69,30 +70,34 @@ def learned_logits(loaded: LoadedModel, batch: MultiJobBatch) -> torch.Tensor:
 def learned_token_losses(loaded: LoadedModel, batch: MultiJobBatch) -> torch.Tensor:
     """(N,) fp32 cross-entropy of each learned position, in row-major order.
 
-    Adapters apply as routed by the caller. A frozen plain linear head over a vocabulary of
-    at least :data:`CHUNKED_MIN_VOCAB` goes through :class:`ChunkedLinearCrossEntropy`, when
+    Adapters apply as routed by the caller. A frozen linear head (or a :class:`LogitsHead` over
+    one) with a vocabulary of at least :data:`CHUNKED_MIN_VOCAB` goes through :class:`ChunkedLinearCrossEntropy`, when
     the positions span more than one chunk; any other head materialises its logits.
     """
-    if _chunks_head(loaded, batch):
+    linear = _chunkable_linear(loaded, batch)
+    if linear is not None:
         head = loaded.lm_head
-        assert isinstance(head, nn.Linear)
+        transform = head if isinstance(head, LogitsHead) else None
         hidden = learned_hidden(loaded, batch)  # (N, H)
         losses: torch.Tensor = ChunkedLinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
-            hidden, head.weight, head.bias, learned_targets(batch), CHUNK_POSITIONS
+            hidden, linear.weight, linear.bias, learned_targets(batch), CHUNK_POSITIONS, transform
         )
         return losses
     return F.cross_entropy(learned_logits(loaded, batch).float(), learned_targets(batch), reduction="none")
 
 
-def _chunks_head(loaded: LoadedModel, batch: MultiJobBatch) -> bool:
+def _chunkable_linear(loaded: LoadedModel, batch: MultiJobBatch) -> nn.Linear | None:
+    """The frozen linear layer of a head the chunked loss can run (plain or a :class:`LogitsHead`), or None."""
     head = loaded.lm_head
-    return (
-        loaded.hidden_states is not None
-        and type(head) is nn.Linear
-        and not head.weight.requires_grad
-        and head.out_features >= CHUNKED_MIN_VOCAB
+    linear = head.linear if isinstance(head, LogitsHead) else head
+    if type(linear) is not nn.Linear or loaded.hidden_states is None:
+        return None
+    chunkable = (
+        not linear.weight.requires_grad
+        and linear.out_features >= CHUNKED_MIN_VOCAB
         and sum(batch.segment_learned) > CHUNK_POSITIONS
     )
+    return linear if chunkable else None
 
 
 def per_job_loss_sums(batch: MultiJobBatch, losses: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
@@ -110,13 +115,15 @@ def per_job_loss_sums(batch: MultiJobBatch, losses: torch.Tensor) -> dict[str, t
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """``cross_entropy(hidden @ weight.T + bias, targets, reduction="none")`` a chunk of positions at a time.
+    """``cross_entropy(transform(hidden @ weight.T + bias), targets, reduction="none")`` a chunk of positions at a time.
 
     For a frozen head only the gradient with respect to ``hidden`` is needed, and it is
     known in the forward: ``(softmax(logits) - onehot(target)) @ weight`` per position, to be
     scaled by the incoming gradient in the backward. So each chunk's logits (chunk, V) are
     freed before the next one, and the step never holds (N, V) logits or their gradient.
     Logits are computed in the head's dtype and taken to fp32, as the unfused path does.
+    ``transform`` (a :class:`LogitsHead`'s division and soft-capping) applies to them in fp32;
+    the chain rule through it is ``1 / divisor`` times ``1 - tanh^2`` of the capped value.
     (PyTorch 2.13's ``F.linear_cross_entropy`` with chunking options does the same; on this
     CPU it ran 2x slower than this loop, see docs/benchmarks.md.)
     """
@@ -129,6 +136,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         chunk: int,
+        transform: LogitsHead | None = None,
     ) -> torch.Tensor:
         """hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) -> losses (N,) fp32."""
         n = hidden.shape[0]
@@ -136,20 +144,32 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            logits = F.linear(hidden[start:stop], weight, bias).float()  # (c, V)
+            raw = F.linear(hidden[start:stop], weight, bias).float()  # (c, V)
+            logits = raw if transform is None else transform.transform(raw)
             lse = logits.logsumexp(dim=-1)  # (c,)
             tc = targets[start:stop]
             losses[start:stop] = lse - logits.gather(1, tc[:, None])[:, 0]
             if grad is not None:
+                slope = None if transform is None else _transform_slope(transform, logits)
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(stop - start, device=probs.device), tc] -= 1
+                if slope is not None:
+                    probs.mul_(slope)
                 grad[start:stop] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return losses
 
     @staticmethod
-    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None, None
-        return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None
+            return None, None, None, None, None, None
+        return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None, None
+
+
+def _transform_slope(transform: LogitsHead, logits: torch.Tensor) -> torch.Tensor | float:
+    """d logits / d raw logits, elementwise, from the transformed ``logits`` (c, V)."""
+    slope: torch.Tensor | float = 1.0 / transform.divisor
+    if transform.softcap is not None:
+        slope = (1 - (logits / transform.softcap) ** 2) * slope  # tanh' = 1 - tanh^2
+    return slope

@@ -23,6 +23,9 @@ class ChatGLMBackend:
 
     #: The module names ChatGLM users target with PEFT.
     target_modules = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    #: PEFT's default for ChatGLM (the fused query/key/value projection).
+    default_target_modules = ("query_key_value",)
+    model_types = ("chatglm",)
     #: Packed rows (``scheduler.packing``): the model takes per-sample position ids.
     supports_packing = True
 

@@ -1,8 +1,16 @@
-"""ChatGLM2/3 ``config.json``: read THUDM's keys, recognise the family, reject what is not supported."""
+"""ChatGLM2/3 ``config.json``: read THUDM's keys, recognise the family, reject what is not supported.
+
+``rope_ratio`` means two different things in THUDM's code (see :func:`rope_ratio_scales`):
+ChatGLM2-6B-32k divides the positions by it (position interpolation), ChatGLM3-6B-32k and
+GLM-4 multiply the rotary base by it. The config says which model it is only through the
+name THUDM wrote into it, so the meaning is taken from that name, or from an explicit
+``rope_ratio_scales`` key, and a config with ``rope_ratio`` != 1 that says neither is refused.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,6 +27,20 @@ FIXED_SWITCHES = {
     "apply_residual_connection_post_layernorm": False,
     "fp32_residual_connection": False,
 }
+#: The config.json key (mlora's, not THUDM's) that says what ``rope_ratio`` scales, when the
+#: model's name does not: ``"positions"`` (ChatGLM2-6B-32k) or ``"base"`` (ChatGLM3-6B-32k, GLM-4).
+ROPE_RATIO_SCALES_KEY = "rope_ratio_scales"
+ROPE_RATIO_SCALES = ("positions", "base")
+#: What ``rope_ratio`` scales in each family's modeling code.
+FAMILY_ROPE_RATIO_SCALES = {"chatglm2": "positions", "chatglm3": "base", "glm4": "base"}
+#: Family names as they appear in ``_name_or_path`` (``THUDM/chatglm2-6b-32k``, ``/models/glm-4-9b``).
+FAMILY_NAMES = {
+    "chatglm2": re.compile(r"chatglm2"),
+    "chatglm3": re.compile(r"chatglm3"),
+    "glm4": re.compile(r"(?<![a-z])glm-?4"),
+}
+#: GLM-4's padded vocabulary (ChatGLM2/3 have 65024).
+GLM4_PADDED_VOCAB = 151552
 
 
 class ChatGLMConfigError(MloraError):
@@ -40,8 +62,11 @@ class ChatGLMConfig:
     layernorm_epsilon: float = 1e-5
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
-    #: Scales the rotary base: ``10000 * rope_ratio`` (absent in ChatGLM2/3-6B: 1).
+    #: Absent (1) in ChatGLM2/3-6B; what it scales is ``rope_ratio_scales``.
     rope_ratio: float = 1.0
+    #: ``"base"``: rotary base ``10000 * rope_ratio`` (ChatGLM3-6B-32k, GLM-4); ``"positions"``:
+    #: positions divided by ``rope_ratio`` (ChatGLM2-6B-32k). Set by :meth:`from_dict`.
+    rope_ratio_scales: str = "base"
     model_type: str = "chatglm"
 
     @property
@@ -51,7 +76,13 @@ class ChatGLMConfig:
 
     @property
     def rope_base(self) -> float:
-        return 10000.0 * self.rope_ratio
+        """The rotary base: ``10000 * rope_ratio`` when ``rope_ratio`` scales the base, else 10000."""
+        return 10000.0 * self.rope_ratio if self.rope_ratio_scales == "base" else 10000.0
+
+    @property
+    def rope_position_divisor(self) -> float:
+        """What positions are divided by before the rotary angles: ``rope_ratio`` or 1."""
+        return self.rope_ratio if self.rope_ratio_scales == "positions" else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -64,6 +95,7 @@ class ChatGLMConfig:
         values = {k: v for k, v in raw.items() if k in known and v is not None}
         if "kv_channels" not in values and raw.get("hidden_size") and raw.get("num_attention_heads"):
             values["kv_channels"] = raw["hidden_size"] // raw["num_attention_heads"]
+        values["rope_ratio_scales"] = rope_ratio_scales(raw)
         try:
             config = cls(**values)
         except TypeError as exc:
@@ -108,6 +140,58 @@ def check_supported(raw: Mapping[str, Any]) -> None:
         )
     if raw.get("pre_seq_len"):
         raise ChatGLMConfigError("pre_seq_len is set (a P-tuning v2 prefix encoder), which is not supported")
+
+
+def model_family(raw: Mapping[str, Any]) -> str | None:
+    """``chatglm2``, ``chatglm3`` or ``glm4`` as the config names it; None when it does not say, or says two.
+
+    The evidence: the family named in ``_name_or_path`` (THUDM write their hub id there, e.g.
+    ``THUDM/chatglm2-6b-32k``; a model saved by transformers keeps the hub id or the local path
+    it was loaded from), and ``padded_vocab_size`` 151552, which only GLM-4 has.
+    """
+    name = str(raw.get("_name_or_path") or "").lower()
+    families = {family for family, pattern in FAMILY_NAMES.items() if pattern.search(name)}
+    if raw.get("padded_vocab_size") == GLM4_PADDED_VOCAB:
+        families.add("glm4")
+    return families.pop() if len(families) == 1 else None
+
+
+def rope_ratio_scales(raw: Mapping[str, Any]) -> str:
+    """What config.json's ``rope_ratio`` scales: ``"positions"`` or ``"base"``.
+
+    THUDM's ChatGLM2-6B-32k code computes the angles ``(t / rope_ratio) * 10000 ** (-2i / n)``
+    (position interpolation); ChatGLM3-6B-32k and GLM-4 compute
+    ``t * (10000 * rope_ratio) ** (-2i / n)``. The rule, in order: an explicit
+    ``rope_ratio_scales`` key; the family from :func:`model_family`; with ``rope_ratio`` 1 (or
+    absent) the two agree and ``"base"`` is returned.
+
+    Raises:
+        ChatGLMConfigError: ``rope_ratio`` is not 1 and the config says neither, or the key has
+            another value.
+    """
+    ratio = raw.get("rope_ratio")
+    if ratio is None:
+        ratio = 1.0
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio <= 0:
+        raise ChatGLMConfigError(f"config.json sets rope_ratio={ratio!r}; expected a positive number")
+    explicit = raw.get(ROPE_RATIO_SCALES_KEY)
+    if explicit is not None:
+        if explicit not in ROPE_RATIO_SCALES:
+            raise ChatGLMConfigError(
+                f"config.json sets {ROPE_RATIO_SCALES_KEY}={explicit!r}; expected 'positions' or 'base'"
+            )
+        return str(explicit)
+    family = model_family(raw)
+    if family is not None:
+        return FAMILY_ROPE_RATIO_SCALES[family]
+    if ratio == 1:
+        return "base"
+    raise ChatGLMConfigError(
+        f"config.json has rope_ratio {ratio} but does not say whether it is ChatGLM2 (rope_ratio divides the "
+        "positions) or ChatGLM3/GLM-4 (rope_ratio multiplies the rotary base): add "
+        f'"{ROPE_RATIO_SCALES_KEY}": "positions" (ChatGLM2-6B-32k) or "{ROPE_RATIO_SCALES_KEY}": "base" '
+        "(ChatGLM3-6B-32k, GLM-4) to config.json"
+    )
 
 
 def read_config_json(path: Path) -> dict[str, Any]:

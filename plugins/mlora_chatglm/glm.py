@@ -23,6 +23,8 @@ class GlmBackend:
     """Loads a transformers-format GLM-4 checkpoint, frozen, with its ``tokenizer.json``."""
 
     target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+    default_target_modules = ("q_proj", "v_proj")
+    model_types = tuple(GLM_CLASSES)
     #: Packed rows (``scheduler.packing``): the model takes per-sample position ids.
     supports_packing = True
 

@@ -65,15 +65,24 @@ def rotary_tables(
     """cos and sin of the rotary angles, each (T, d / 4) (with ``position_ids`` (B, T): (B, T, d / 4)), in fp32.
 
     The rotary part is the first ``d / 2`` dims of a head: ``d / 4`` pairs, pair ``i`` turned
-    by ``t * base ** (-2i / (d / 2))`` at position ``t``, with ``base = 10000 * rope_ratio``.
-    Positions are ``0..length-1``, or ``position_ids`` (packed rows: restarting with each sample).
+    by ``(t / r) * base ** (-2i / (d / 2))`` at position ``t`` (Su et al., 2021, "RoFormer",
+    section 3.4.2). ``rope_ratio`` enters as THUDM's code for the model uses it: ChatGLM3-6B-32k
+    and GLM-4 set ``base = 10000 * rope_ratio`` and ``r = 1``; ChatGLM2-6B-32k keeps
+    ``base = 10000`` and interpolates positions, ``r = rope_ratio`` (Chen et al., 2023,
+    "Extending Context Window of Large Language Models via Positional Interpolation").
+    Positions are ``0..length-1``, or ``position_ids`` (packed rows: restarting with each sample),
+    interpolated alike.
     """
     rot = config.kv_channels // 2
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
     if position_ids is not None:
-        angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, T, rot / 2)
+        positions = position_ids.to(torch.float32)  # (B, T)
     else:
-        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (T, rot / 2)
+        positions = torch.arange(length, dtype=torch.float32, device=device)  # (T,)
+    divisor = config.rope_position_divisor
+    if divisor != 1.0:
+        positions = positions / divisor
+    angles = positions[..., None] * inv_freq  # (T, rot / 2) or (B, T, rot / 2)
     return angles.cos(), angles.sin()
 
 

@@ -13,7 +13,15 @@ standard fast tokenizer), and otherwise the sentencepiece ``tokenizer.model`` th
 - EOS is ``</s>``, padding is ``<unk>`` (id 0), as in THUDM's tokenizer;
 - text is encoded literally: ``<|user|>`` written in a string is not the special token
   (THUDM's default, ``encode_special_tokens=False``). Pass ``encode_special_tokens=True``
-  to turn the four role markers in text into their tokens.
+  to turn the four role markers in text into their tokens. ``</s>``, ``<unk>`` and ``<s>``
+  written in a string are text too, always: THUDM's tokenizer hands the whole string to
+  sentencepiece, which never matches its control or unknown pieces in text (transformers'
+  base class would split them out as the EOS and unknown tokens);
+- decoding keeps the space a piece such as ``▁h`` stands for after a special token
+  (``[gMASK] sop ▁h`` is ``[gMASK]sop h``), as sentencepiece does after a user-defined
+  symbol: only the text's first piece loses its leading ``▁`` (the dummy prefix);
+- an id past the vocabulary (the model's embedding is padded: 65024 rows for 64798 ids,
+  pieces and special tokens, in the 6B models) or below 0 decodes as nothing, as in THUDM's ``convert_id_to_token``.
 
 Prompt formats: :func:`chatglm2_prompt` builds ChatGLM2's text prompt
 (``[Round 1]\\n\\n问：...\\n\\n答：``) and :meth:`ChatGLMTokenizer.build_chat_input` builds
@@ -36,6 +44,8 @@ ROLES = ("system", "user", "assistant", "observation")
 ROLE_TOKENS = tuple(f"<|{role}|>" for role in ROLES)
 #: THUDM's order: ChatGLM2's five, then ChatGLM3's role markers.
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", *ROLE_TOKENS)
+#: Sentencepiece's word-boundary mark (a space in the text).
+SPACE = "\u2581"
 _ROLE_PATTERN = re.compile("|".join(re.escape(t) for t in ROLE_TOKENS))
 
 
@@ -53,6 +63,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.encode_special_tokens = encode_special_tokens
         n = self.sp.vocab_size()
         self.special_ids = {token: n + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self._marker = self._marker_piece()
         if self.sp.eos_id() < 0:
             raise MloraError(f"{vocab_file}: the sentencepiece model has no </s> piece")
         unk = self.sp.id_to_piece(self.sp.unk_id())
@@ -76,6 +87,18 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             raise KeyError(f"{token!r} is not a ChatGLM special token; known: {', '.join(SPECIAL_TOKENS)}")
         return self.special_ids[token]
 
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:  # type: ignore[override]  # as PreTrainedTokenizer's
+        """The pieces of ``text``; nothing written in it becomes a special token but the role
+        markers under ``encode_special_tokens``.
+
+        transformers' base class splits the text on its special tokens first, which would
+        turn a literal ``</s>`` or ``<unk>`` into EOS (id 2) or the unknown token (id 0).
+        ``split_special_tokens`` is accepted and ignored.
+        """
+        kwargs.pop("split_special_tokens", None)
+        text, _ = self.prepare_for_tokenization(text, **kwargs)
+        return self._tokenize(text)
+
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         if not self.encode_special_tokens:
             return list(self.sp.encode(text, out_type=str))
@@ -96,18 +119,46 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return int(self.sp.piece_to_id(token))
 
     def _convert_id_to_token(self, index: int) -> str:
+        """A piece, a special token, or ``""`` for an id outside both (decoded as nothing)."""
         n = self.sp.vocab_size()
-        return SPECIAL_TOKENS[index - n] if index >= n else str(self.sp.id_to_piece(index))
+        if 0 <= index < n:
+            return str(self.sp.id_to_piece(index))
+        if n <= index < n + len(SPECIAL_TOKENS):
+            return SPECIAL_TOKENS[index - n]
+        return ""
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        text, run = "", []
+        text, run = "", list[str]()
         for token in tokens:  # special tokens are not sentencepiece pieces: decode around them
             if token in self.special_ids:
-                text += self.sp.decode(run) + token
+                text += self._decode_run(run, at_start=not text) + token
                 run = []
-            else:
+            elif token:  # "" stands for an id outside the vocabulary
                 run.append(token)
-        return text + self.sp.decode(run)
+        return text + self._decode_run(run, at_start=not text)
+
+    def _decode_run(self, pieces: list[str], at_start: bool) -> str:
+        """Sentencepiece's text for ``pieces``; past the start of the text a leading ``▁`` stays a space.
+
+        Sentencepiece drops the leading ``▁`` of the first piece of what it decodes (the
+        dummy prefix it adds in encoding). Decoded after the marker piece, the run keeps it.
+        """
+        if not pieces:
+            return ""
+        if at_start or self._marker is None:
+            return str(self.sp.decode(pieces))
+        return str(self.sp.decode([self._marker, *pieces]))[len(self._marker) :]
+
+    def _marker_piece(self) -> str | None:
+        """A plain piece with no ``▁`` that decodes to itself, or None if the model has none."""
+        sp = self.sp
+        for i in range(sp.vocab_size()):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i):
+                continue
+            piece = str(sp.id_to_piece(i))
+            if SPACE not in piece and sp.decode([piece]) == piece:
+                return piece
+        return None
 
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None

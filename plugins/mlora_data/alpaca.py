@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,8 @@ from mlora_core.errors import DataError
 from mlora_core.plugin_api.conventions import IGNORE_INDEX as IGNORE
 from mlora_core.plugin_api.data import common_data_problems, split_held_out
 from mlora_core.plugin_api.protocols import Sample, SplitDataset
+from mlora_data.chat_template import CHAT, Message, require_chat_template, to_sample, tokenize_conversation
+from mlora_data.records import read_items
 from mlora_data.templates import TEMPLATES, PromptTemplate
 
 
@@ -19,20 +20,29 @@ class AlpacaLoader:
 
     Prompt tokens are masked from the loss (label -100) unless ``train_on_inputs``; the
     response ends with the tokenizer's EOS token; samples are cut to ``cutoff_len``.
+
+    Template ``chat`` uses the tokenizer's chat template instead: the instruction (and the
+    input, after a blank line) is one user message, the output the assistant's answer, which
+    ends with whatever the template closes an assistant turn with (see
+    :mod:`mlora_data.chat_template`).
     """
 
     def validate(self, config: DataConfig) -> list[str]:
         problems = common_data_problems(config, read_records)
-        if config.template not in TEMPLATES:
-            problems.append(f"template: unknown template {config.template!r}; known: {', '.join(TEMPLATES)}")
+        if config.template not in (*TEMPLATES, CHAT):
+            known = ", ".join((*TEMPLATES, CHAT))
+            problems.append(f"template: unknown template {config.template!r}; known: {known}")
         if config.options:
             problems.append(f"options: the alpaca loader takes no options, got {sorted(config.options)}")
         return problems
 
     def load(self, config: DataConfig, tokenizer: Any, seed: int) -> SplitDataset:
-        records = read_records(Path(config.path))
-        template = TEMPLATES[config.template]
-        samples = [tokenize(r, template, tokenizer, config) for r in records]
+        records = _read(Path(config.path))
+        if config.template == CHAT:
+            require_chat_template(tokenizer, config.path, "template chat")
+            samples = [to_sample(*tokenize_conversation(chat_messages(r), tokenizer, at), config) for at, r in records]
+        else:
+            samples = [tokenize(r, TEMPLATES[config.template], tokenizer, config) for _, r in records]
         kept = [s for s in samples if s is not None]
         if not kept:
             raise DataError(
@@ -43,27 +53,12 @@ class AlpacaLoader:
 
 def read_records(path: Path) -> list[dict[str, str]]:
     """Parse ``path`` (.json list or .jsonl); errors name the file and line or record."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        items = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                items.append((f"{path}:{lineno}", _parse(line, f"{path}:{lineno}")))
-    else:
-        data = _parse(text, str(path))
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records (or use a .jsonl file)")
-        items = [(f"{path}: record {i}", r) for i, r in enumerate(data)]
-    if not items:
-        raise DataError(f"{path}: no records")
-    return [_check_record(where, r) for where, r in items]
+    return [record for _, record in _read(path)]
 
 
-def _parse(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+def _read(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """(where, record) pairs; ``where`` names the file and line for later errors."""
+    return [(where, _check_record(where, r)) for where, r in read_items(path)]
 
 
 def _check_record(where: str, record: Any) -> dict[str, str]:
@@ -88,3 +83,10 @@ def tokenize(record: dict[str, str], template: PromptTemplate, tokenizer: Any, c
     if all(label == IGNORE for label in labels[1:]):
         return None
     return Sample(tuple(ids), tuple(labels))
+
+
+def chat_messages(record: dict[str, str]) -> list[Message]:
+    """The record as a one-turn conversation: instruction (and input after a blank line) from
+    the user, the output from the assistant."""
+    question = f"{record['instruction']}\n\n{record['input']}" if record["input"] else record["instruction"]
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": record["output"]}]

@@ -1,4 +1,9 @@
-"""Registers the ``alpaca`` data loader and its prompt templates."""
+"""Registers the ``alpaca`` and ``chat`` data loaders and the prompt templates.
+
+The ``chat`` template (the tokenizer's own chat template) is not registered as a prompt
+template: a :class:`~mlora_core.plugin_api.protocols.PromptTemplate` renders without a
+tokenizer, and a chat template needs one. The loaders accept it as ``data.template: chat``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from mlora_core.plugin_api.hookspecs import Register, hookimpl
 @hookimpl
 def mlora_register_datasets(register: Register) -> None:
     from mlora_data.alpaca import AlpacaLoader
+    from mlora_data.chat import ChatLoader
 
     register("alpaca", AlpacaLoader)
+    register("chat", ChatLoader)
 
 
 @hookimpl

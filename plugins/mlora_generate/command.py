@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, host: PluginHost) -> int:
     """Run ``mlora generate``; returns the exit status (errors raise MloraError)."""
-    from mlora_core.generation.decode import GenerationRequest, GenerationSettings, generate
+    from mlora_core.generation.decode import GenerationRequest, GenerationSettings, generate, stop_token_ids
 
     settings = GenerationSettings(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
     adapters = parse_adapters(args.adapter)
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace, host: PluginHost) -> int:
     tokenizer = loaded.tokenizer
     requests = [GenerationRequest(tokenizer(p.text, add_special_tokens=True)["input_ids"], p.adapter) for p in prompts]
     results = generate(
-        loaded.model, router, requests, settings, eos_ids(loaded.model, tokenizer), pad_token_id(tokenizer),
+        loaded.model, router, requests, settings, stop_token_ids(loaded.model, tokenizer), pad_token_id(tokenizer),
         args.batch_size, _progress,
     )  # fmt: skip
     with open(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout) as out:
@@ -197,17 +197,6 @@ def _template(host: PluginHost, name: str) -> PromptTemplate | None:
 
 def _templated(template: PromptTemplate | None, instruction: str, input_text: str) -> str:
     return instruction if template is None else template.prompt(instruction, input_text)
-
-
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The tokenizer's EOS token and the model's generation config EOS tokens."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, (list, tuple)):
-        ids.update(int(i) for i in configured)
-    return ids
 
 
 def _progress(done: int, total: int) -> None:

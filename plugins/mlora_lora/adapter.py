@@ -72,7 +72,7 @@ class LoraAdapter:
             "r": self.config.r,
             "lora_alpha": self.config.alpha,
             "lora_dropout": self.config.dropout,
-            "target_modules": sorted(set(self.config.target_modules)),
+            "target_modules": sorted({path.rsplit(".", 1)[-1] for path in self.layers}),
             "bias": "none",
             "fan_in_fan_out": False,
             "inference_mode": True,
@@ -116,16 +116,21 @@ class LoraAdapterType:
             problems.append("alpha: must be positive")
         if not 0 <= config.dropout < 1:
             problems.append("dropout: must be in [0, 1)")
-        if not config.target_modules:
+        if config.target_modules is not None and not config.target_modules:
             problems.append("target_modules: name at least one module")
-        unknown = [m for m in config.target_modules if target_modules and m not in target_modules]
+        unknown = [m for m in config.target_modules or () if target_modules and m not in target_modules]
         if unknown:
-            problems.append(f"target_modules: unknown {unknown}; known: {', '.join(target_modules)}")
+            problems.append(
+                f"target_modules: {unknown} match no layer of this model; its layers adapters may target: "
+                f"{', '.join(target_modules)}"
+            )
         if config.options:
             problems.append(f"options: the lora adapter takes no options, got {sorted(config.options)}")
         return problems
 
     def attach(self, model: nn.Module, name: str, config: AdapterConfig, router: RowRouter) -> LoraAdapter:
+        if config.target_modules is None:
+            raise MloraError(f"adapter {name!r}: target_modules not set (config validation fills in the default)")
         wanted = set(config.target_modules)
         layers: dict[str, LoraLinear] = {}
         for path, module in list(model.named_modules()):

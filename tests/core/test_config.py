@@ -46,7 +46,7 @@ BAD = {
     ),
     "unknown target module": (
         lambda c: c["jobs"][0]["adapter"].update(target_modules=["qkv"]),
-        r"jobs\[0\]\.adapter\.target_modules: unknown \['qkv'\]",
+        r"jobs\[0\]\.adapter\.target_modules: \['qkv'\] match no layer of this model",
     ),
     "missing model": (
         lambda c: c["base_model"].update(path="/no/such/model"),
@@ -133,7 +133,7 @@ MORE_BAD = {
     "empty data file": ("empty", r"jobs\[1\]\.data\.path: .*b\.jsonl: no records"),
     "non-string field": ("nonstring", r"b\.jsonl:1: missing or non-string 'output'"),
     "output dir under a file": ("under_file", r"output_dir: .*a\.jsonl is a file, not a directory"),
-    "not a llama model": ("gpt2", r"base_model: path: .* holds a 'gpt2' model, not a LLaMA one"),
+    "not a llama model": ("gpt2", r"base_model: path: .* holds a 'gpt2' model \(model_type\), not a llama one"),
     "held out more than the data": (
         lambda c: c["jobs"][0]["data"].update(val_set_size=39),
         r"jobs\[0\]\.data\.val_set_size: 39 holds out 39 of the file's 40 records, leaving 1 to train on",
@@ -182,10 +182,10 @@ def test_target_modules_matching_nothing_in_the_model_fail_cleanly(make_config, 
     """A backend that promises a module name its model lacks: caught when the adapter attaches."""
     from mlora_core.plugin_api.hookspecs import hookimpl
     from mlora_core.plugin_api.host import create_plugin_manager
-    from mlora_llama.backend import LlamaBackend
+    from mlora_decoders.backend import DecoderBackend
 
-    class Overpromising(LlamaBackend):
-        target_modules = (*LlamaBackend.target_modules, "w_gate")
+    class Overpromising(DecoderBackend):
+        target_modules = (*DecoderBackend().target_modules, "w_gate")
 
     class Plugin:
         __name__ = "overpromising"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import FAMILY_SETTINGS, build_tiny_decoder, build_tiny_llama
 from peft_reference import reference_base
 from safetensors.torch import load_file, save_file
 from tiny_chatglm import TINY, chatglm_weights, to_glm
@@ -44,6 +44,23 @@ def base_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("gen-llama"), initializer_range=0.3)
 
 
+@pytest.mark.parametrize("model_type", [t for t in FAMILY_SETTINGS if t != "llama"])
+def test_every_decoder_family_generates_like_peft(model_type, tmp_path):
+    """Each family's KV-cache decoding (sliding windows, soft-capping, fused projections
+    included), with two PEFT-saved adapters and the bare base in one mixed batch."""
+    from mlora_decoders.families import family_of_model_type
+
+    base = build_tiny_decoder(tmp_path / "base", model_type, initializer_range=0.3)
+    family = family_of_model_type(model_type)
+    assert family is not None
+    layers = list(family.target_modules)  # every other layer each: both change the greedy tokens
+    adapters = {
+        "a": save_peft_adapter(base, tmp_path / "a", 1, layers[::2]),
+        "b": save_peft_adapter(base, tmp_path / "b", 2, layers[1::2], r=2),
+    }
+    check_against_peft(base, adapters, None, None)
+
+
 @pytest.fixture(scope="module")
 def odd_dir(tmp_path_factory) -> Path:
     """Widths that are not multiples of 32: bitsandbytes' repacked CPU layout would fail on them."""
@@ -63,10 +80,10 @@ def _randomize_lora(model: torch.nn.Module, seed: int) -> None:
 def save_peft_adapter(base: Path, out: Path, seed: int, targets: list[str], r: int = 4, **lora: object) -> Path:
     """An adapter made and saved by PEFT itself (``PeftModel.save_pretrained``)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model = get_peft_model(
-        LlamaForCausalLM.from_pretrained(base),
+        AutoModelForCausalLM.from_pretrained(base),
         LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, **lora),  # type: ignore[arg-type]
     )
     _randomize_lora(model, seed)
@@ -149,7 +166,7 @@ def _greedy_each(model, prompts: list[list[int]], eos_id: int) -> list[list[int]
 
 def mlora_model(base: Path, adapters: dict[str, Path], quantize: str | None = None):
     host = create_plugin_manager(autoload=False)
-    loaded = load_base_model(host, BaseModelConfig(backend="llama", path=str(base), quantize=quantize))
+    loaded = load_base_model(host, BaseModelConfig(path=str(base), quantize=quantize))  # backend detected
     router = RowRouter()
     for name, directory in adapters.items():
         load_adapter(host, loaded.model, name, directory, router)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mlora_core.config.schema import AdapterConfig, BaseModelConfig
+from mlora_core.models.loading import load_base_model
+from mlora_core.models.transformers_split import LogitsHead
 from mlora_core.plugin_api.protocols import Sample
 from mlora_core.plugin_api.routing import RowRouter
 from mlora_core.training.batch import build_batch
@@ -36,7 +38,7 @@ def _loss_and_grads(loaded, router, adapter, batch):
 
 def _model_with_active_adapter(host, model_dir):
     """The model, its router and LoRA adapter ``a`` on q_proj and v_proj with random (non-zero) weights."""
-    loaded = host.backends.create("llama").load(BaseModelConfig(path=str(model_dir)))
+    loaded = load_base_model(host, BaseModelConfig(path=str(model_dir)))  # the backend detected
     router = RowRouter()
     torch.manual_seed(0)
     adapter = host.adapters.create("lora").attach(
@@ -74,8 +76,14 @@ def test_split_head_equals_full_logits_and_runs_on_learned_positions_only(host, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_chunked_head_equals_materialised_logits(dtype, bias):
-    """Losses and the gradient reaching the hidden states equal cross_entropy over full logits."""
+@pytest.mark.parametrize(
+    ("divisor", "softcap"),
+    [(1.0, None), (1.0, 3.0), (4.0, None), (2.0, 5.0)],
+    ids=["plain", "gemma", "granite", "both"],
+)
+def test_chunked_head_equals_materialised_logits(dtype, bias, divisor, softcap):
+    """Losses and the gradient reaching the hidden states equal cross_entropy over full logits,
+    also through a :class:`LogitsHead`'s scaling and soft-capping (autograd's chain rule)."""
     g = torch.Generator().manual_seed(0)
     n, hidden, vocab = 300, 48, 9000  # 300 positions: two full chunks of 128 and a partial one
     head = torch.nn.Linear(hidden, vocab, bias=bias).to(dtype).requires_grad_(False)
@@ -83,11 +91,13 @@ def test_chunked_head_equals_materialised_logits(dtype, bias):
     targets = torch.randint(0, vocab, (n,), generator=g)
     upstream = torch.rand(n, generator=g)  # per-position weights, as a per-job loss scale gives
 
+    transformed = LogitsHead(head, divisor, softcap)
     h_ref = h0.clone().requires_grad_()
-    ref = F.cross_entropy(head(h_ref).float(), targets, reduction="none")
+    ref = F.cross_entropy(transformed(h_ref).float(), targets, reduction="none")
     (ref * upstream).sum().backward()
     h = h0.clone().requires_grad_()
-    ours = ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, targets, 128)
+    transform = None if divisor == 1.0 and softcap is None else transformed
+    ours = ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, targets, 128, transform)
     (ours * upstream).sum().backward()
 
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
@@ -96,14 +106,16 @@ def test_chunked_head_equals_materialised_logits(dtype, bias):
     torch.testing.assert_close(h.grad, h_ref.grad, **tol)
 
 
-def test_large_vocabulary_head_runs_chunked_in_training(host, tmp_path):
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "granite"])
+def test_large_vocabulary_head_runs_chunked_in_training(host, tmp_path, model_type):
     """A frozen head over >= CHUNKED_MIN_VOCAB tokens is never called on the whole step (no (N, V)
-    logits), and the loss and adapter gradients equal the materialised path's."""
-    from conftest import build_tiny_llama
+    logits), and the loss and adapter gradients equal the materialised path's (transformers'
+    own forward). Gemma 2 soft-caps its logits and Granite scales them: the chunks do too."""
+    from conftest import build_tiny_decoder
 
     from mlora_core.training import loss as loss_module
 
-    model_dir = build_tiny_llama(tmp_path / "big-vocab", vocab_size=loss_module.CHUNKED_MIN_VOCAB)
+    model_dir = build_tiny_decoder(tmp_path / "big-vocab", model_type, vocab_size=loss_module.CHUNKED_MIN_VOCAB)
     loaded, router, adapter = _model_with_active_adapter(host, model_dir)
     samples = _samples(0, 400) * 12  # 132 learned positions: more than one chunk
     batch = build_batch([("a", samples)], pad_id=0)

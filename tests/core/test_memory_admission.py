@@ -68,9 +68,9 @@ class SmallDevice:
 
     @hookimpl
     def mlora_register_backends(self, register):
-        from mlora_llama.backend import LlamaBackend
+        from mlora_decoders.backend import DecoderBackend
 
-        class SmallDeviceLlama(LlamaBackend):
+        class SmallDeviceLlama(DecoderBackend):
             def load(self, config):
                 loaded = super().load(config)
                 hidden_states = loaded.hidden_states  # what training and evaluation call

@@ -65,11 +65,12 @@ class TestPlugin:
 def test_builtins_register_through_entry_points():
     host = create_plugin_manager(autoload=False)
     infos = {p.name: p for p in host.plugins()}
-    for name in ("llama", "lora", "schedulers", "data", "tensorboard", "console"):
+    for name in ("decoders", "lora", "schedulers", "data", "tensorboard", "console"):
         assert infos[name].distribution == "mlora-trainer"
     assert "llama" in host.backends and "lora" in host.adapters and "trivial" in host.schedulers
     assert "alpaca" in host.data_loaders and {"tensorboard", "console"} <= set(host.monitors)
-    assert host.backends.get("llama").plugin == "llama"
+    families = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite")
+    assert all(host.backends.get(name).plugin == "decoders" for name in families)
 
 
 def test_in_process_plugin_scheduler_and_loader_are_used(make_config, data_dir):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import job, wait_for_checkpoint
+from conftest import family_targets, job, wait_for_checkpoint
 from safetensors.torch import load_file
 
 from mlora_core.config.schema import load_config
@@ -78,9 +78,20 @@ def _four_jobs(data_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def test_jobs_on_two_ranks_equal_one_process(make_config, data_dir, host, tmp_path):
+def _over_family(jobs: list[dict[str, Any]], model_type: str, model_dir: Path) -> dict[str, Any]:
+    """``jobs`` retargeted to the family's layer names; the base_model section for its checkpoint."""
+    for j in jobs:
+        j["adapter"]["target_modules"] = family_targets(model_type, j["adapter"]["target_modules"])
+    return {"backend": None, "path": str(model_dir)}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_jobs_on_two_ranks_equal_one_process(make_config, data_dir, host, tmp_path, tiny_decoder, model_type):
+    """Also over Phi-3 (fused projections), as over every family the backends load."""
+    jobs = _four_jobs(data_dir)
+    base = _over_family(jobs, model_type, tiny_decoder(model_type))
     config = make_config(
-        _four_jobs(data_dir), monitor={"console": {}, "tensorboard": {}}, scheduler={"type": "optimal_fit"}
+        jobs, base_model=base, monitor={"console": {}, "tensorboard": {}}, scheduler={"type": "optimal_fit"}
     )
     done = _run(config, "--nproc", "2", "distributed.strategy=jobs")
     assert done.returncode == 0, done.stderr
@@ -113,14 +124,19 @@ def test_jobs_on_two_ranks_equal_one_process(make_config, data_dir, host, tmp_pa
         assert [e.step for e in acc.Scalars(f"{name}/train_loss")] == list(range(1, n + 1))
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(
+    ("packing", "model_type"),
+    [(False, "llama"), (True, "llama"), (True, "qwen2"), (True, "gemma2"), (True, "phi3")],
+    ids=["padded", "packed", "packed-qwen2", "packed-gemma2", "packed-phi3"],
+)
 def test_rows_on_two_ranks_equal_one_process_with_uneven_shares(
-    make_config, data_dir, host, tmp_path, wide_llama_dir, packing
+    make_config, data_dir, host, tmp_path, tiny_decoder, packing, model_type
 ):
     """Micro-batches of 3 rows split 1 + 2 over the ranks, and rows of different lengths: the
     ranks hold different learned-token counts in most steps, which averaging per-rank mean
     losses would get wrong. Packed: each rank packs its own share (on the wider model, whose
-    rows hold several samples)."""
+    rows hold several samples); also over Qwen2 (biases), Gemma 2 (tied embeddings, sliding
+    windows, soft-capped logits) and Phi-3 (fused projections)."""
     jobs = [
         job("odd", data_dir / "a.jsonl", max_steps=5, batch_size=6, micro_batch_size=3, lr=5e-3),
         job("even", data_dir / "b.jsonl", max_steps=4, batch_size=4, micro_batch_size=2, lr=5e-3),
@@ -133,8 +149,8 @@ def test_rows_on_two_ranks_equal_one_process_with_uneven_shares(
         "dropout": 0.0,
         "target_modules": ["q_proj", "down_proj"],
     }
-    packed = {"base_model": {"path": str(wide_llama_dir)}, "scheduler": {"packing": True}} if packing else {}
-    config = make_config(jobs, **packed)
+    base = _over_family(jobs, model_type, tiny_decoder(model_type, wide=packing))
+    config = make_config(jobs, base_model=base, scheduler={"packing": packing})
     done = _run(config, "--nproc", "2", "distributed.strategy=rows")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"

@@ -71,7 +71,7 @@ def _batch(vocab: int, rows: int = 3, length: int = 7) -> torch.Tensor:
 def test_example_plugin_registers_its_three_components():
     host = create_plugin_manager(autoload=False, extra=[plugin])
     assert host.adapters.get("dora").plugin == host.schedulers.get("shortest_job_first").plugin
-    assert "chat" in host.data_loaders and "lora" in host.adapters and "alpaca" in host.data_loaders
+    assert "chat_markup" in host.data_loaders and "lora" in host.adapters and "alpaca" in host.data_loaders
 
 
 def test_dora_matches_peft_outputs_and_gradients(tiny_llama_dir):
@@ -213,7 +213,7 @@ def test_chat_loader_learns_only_assistant_turns(tmp_path, tiny_llama_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     path = write_jsonl(tmp_path / "chat.jsonl", [CONVERSATION] * 5)
-    config = DataConfig(type="chat", path=str(path), template="chatml", val_set_size=1)
+    config = DataConfig(type="chat_markup", path=str(path), template="chatml", val_set_size=1)
     assert ChatLoader().validate(config) == []
     data = ChatLoader().load(config, tokenizer, seed=0)
     assert (len(data.train), len(data.eval)) == (4, 1)
@@ -225,7 +225,7 @@ def test_chat_loader_learns_only_assistant_turns(tmp_path, tiny_llama_dir):
 
 def test_chat_loader_reports_bad_records_and_template(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [CONVERSATION, {"messages": [{"role": "user", "content": "hi"}]}])
-    problems = ChatLoader().validate(DataConfig(type="chat", path=str(path), template="alpaca"))
+    problems = ChatLoader().validate(DataConfig(type="chat_markup", path=str(path), template="alpaca"))
     assert any("chat.jsonl:2: no assistant message" in p for p in problems)
     assert any("template: unknown chat template 'alpaca'; known: chatml, plain" in p for p in problems)
 
@@ -236,7 +236,7 @@ def test_all_three_train_beside_the_builtins(make_config, data_dir, tmp_path):
     chat = write_jsonl(tmp_path / "chat.jsonl", [CONVERSATION] * 12)
     dora = job("chat", chat, adapter={"type": "dora", "r": 4, "alpha": 8, "dropout": 0.0,
                                       "target_modules": ["q_proj", "v_proj"]})  # fmt: skip
-    dora["data"].update(type="chat", template="chatml")
+    dora["data"].update(type="chat_markup", template="chatml")
     jobs = [dora, job("alpaca", data_dir / "a.jsonl")]
     config = load_config(make_config(jobs, scheduler={"type": "shortest_job_first"}))
     validate_config(config, host)

@@ -68,7 +68,7 @@ def test_mlora_plugins_shows_the_three_components_and_names_the_broken_distribut
         "example  (mlora-plugin-example 0.1.0)  hooks: mlora_register_adapters, mlora_register_commands, "
         "mlora_register_datasets" in out
     )
-    for name in ("dora", "shortest_job_first", "chat", "chat_preview"):
+    for name in ("dora", "shortest_job_first", "chat_markup", "chat_preview"):
         assert f"  {name:<16} plugin example, from mlora-plugin-example 0.1.0" in out
     assert "  bench            plugin bench, from mlora-trainer" in out
     assert "  lora             plugin lora, from mlora-trainer" in out

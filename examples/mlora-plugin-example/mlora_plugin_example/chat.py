@@ -1,4 +1,4 @@
-"""``chat``: chat-format JSONL, one conversation per line, learning the assistant's turns.
+"""``chat_markup``: chat-format JSONL, one conversation per line, learning the assistant's turns.
 
 Each line is ``{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}``
 with at least one assistant message. Each message is rendered with the config's ``template``
@@ -45,7 +45,7 @@ class ChatLoader:
         if config.template not in TEMPLATES:
             problems.append(f"template: unknown chat template {config.template!r}; known: {', '.join(TEMPLATES)}")
         if config.options:
-            problems.append(f"options: the chat loader takes no options, got {sorted(config.options)}")
+            problems.append(f"options: the chat_markup loader takes no options, got {sorted(config.options)}")
         return problems
 
     def load(self, config: DataConfig, tokenizer: Any, seed: int) -> SplitDataset:

@@ -27,7 +27,7 @@ def mlora_register_schedulers(register: Register) -> None:
 def mlora_register_datasets(register: Register) -> None:
     from mlora_plugin_example.chat import ChatLoader
 
-    register("chat", ChatLoader)
+    register("chat_markup", ChatLoader)
 
 
 @hookimpl

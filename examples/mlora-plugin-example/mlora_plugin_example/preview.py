@@ -1,7 +1,7 @@
 """``mlora chat_preview FILE``: show conversations of a chat JSONL file as a chat template renders them.
 
 A command a plugin adds through ``mlora_register_commands``: it checks the file the way the
-``chat`` data loader does (errors name the file and line) and prints the first conversations
+``chat_markup`` data loader does (errors name the file and line) and prints the first conversations
 rendered with the template, so a user sees what the model will read before training.
 """
 

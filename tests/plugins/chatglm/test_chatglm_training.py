@@ -166,8 +166,8 @@ def test_lora_and_qlora_jobs_over_a_quantized_chatglm(host, tmp_path, data_dir, 
 
 
 def test_generated_ids_the_tokenizer_cannot_decode_are_wrong_answers(host, tmp_path, data_dir):
-    """ChatGLM pads its vocabulary past its tokenizer's; a greedy answer with such an id is a
-    wrong answer, not a crash of the run (it used to take every job down at evaluation)."""
+    """ChatGLM pads its vocabulary past its tokenizer's; a greedy answer of such ids decodes as
+    nothing, a wrong answer, not a crash of the run (it used to take every job down at evaluation)."""
     weights = chatglm_weights(TINY, seed=1)
     head = weights["transformer.output_layer.weight"]  # (padded vocab, hidden)
     direction = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))

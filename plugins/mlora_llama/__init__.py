@@ -1,1 +1,0 @@
-"""Built-in LLaMA-family model backend for mlora."""
