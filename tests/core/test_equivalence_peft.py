@@ -136,16 +136,21 @@ def test_concurrent_training_matches_peft_alone(
             torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=lambda m, w=where: f"{w}: {m}")
 
 
-@pytest.mark.parametrize(("quantize", "packing"), [(None, False), (None, True), ("nf4", False)])
+@pytest.mark.parametrize(
+    ("quantize", "packing", "checkpointing"),
+    [(None, False, False), (None, True, False), (None, False, True), ("nf4", False, False)],
+    ids=["padded", "packed", "recompute", "nf4"],
+)
 @pytest.mark.parametrize("model_type", [t for t in FAMILY_SETTINGS if t != "llama"])
 def test_every_decoder_family_trains_like_peft_alone(
-    make_config, data_dir, tiny_decoder, host, model_type, quantize, packing
+    make_config, data_dir, tiny_decoder, host, model_type, quantize, packing, checkpointing
 ):
     """Two concurrent jobs over each family's tiny checkpoint, its backend detected from
     config.json: job a with the family's default targets (none named), job b with attention
     and MLP layers under the family's own names. Each adapter equals PEFT training it alone
     over transformers' own class for the family, and PEFT loads the saved adapter unchanged.
-    Packed: on the family's wider checkpoint, whose packed rows hold several samples. nf4:
+    Packed: on the family's wider checkpoint, whose packed rows hold several samples.
+    Recompute: with activation checkpointing of the family's decoder blocks. nf4:
     mlora's quantization against transformers' bitsandbytes path (QLoRA).
 
     Unquantized runs are made in float64 on both sides: in fp32 single elements of some
@@ -166,7 +171,7 @@ def test_every_decoder_family_trains_like_peft_alone(
     jobs[1]["adapter"]["target_modules"] = family_targets(model_type, jobs[1]["adapter"]["target_modules"])
     for j in jobs:
         j["adapter"]["type"] = "qlora" if quantize else "lora"
-    base = {"backend": None, "path": str(model_dir), "quantize": quantize}
+    base = {"backend": None, "path": str(model_dir), "quantize": quantize, "activation_checkpointing": checkpointing}
     config = load_config(make_config(jobs, base_model=base, scheduler={"packing": packing}))
     engine = Engine(config, host)
     engine.setup()
