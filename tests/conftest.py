@@ -16,6 +16,17 @@ import yaml
 
 from mlora_core.plugin_api.host import PluginHost, create_plugin_manager
 
+#: Qwen2's chat template (ChatML): a default system turn, ``<|im_start|>role\ncontent<|im_end|>\n``.
+CHATML = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 WORDS = "apple river planet garden window silver orange rocket pencil basket candle forest guitar island".split()
 
 

@@ -143,6 +143,24 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a job learns from its data: ``sft`` (next-token loss) or a preference objective."""
+
+    type: str = "sft"
+    #: dpo, cpo, orpo: the strength of the preference term (DPO's and CPO's beta, ORPO's lambda).
+    beta: float = 0.1
+    #: dpo, cpo: the assumed fraction of pairs whose preference label is wrong (conservative DPO).
+    label_smoothing: float = 0.0
+    #: cpo: weight of the negative log-likelihood term on the chosen completions.
+    alpha: float = 1.0
+    #: dpo: the reference model, ``base`` (the frozen base itself) or the directory of a saved
+    #: adapter (PEFT format) over the same base.
+    reference: str = "base"
+    #: Settings of third-party objectives.
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class JobConfig:
     name: str = MISSING
     #: Higher runs first when max_concurrent_jobs limits admission; preempts at step boundaries.
@@ -152,6 +170,7 @@ class JobConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 @dataclass

@@ -222,6 +222,26 @@ def supported_model_types(host: PluginHost) -> list[str]:
     return sorted(set(types))
 
 
+def _objective_problems(job: JobConfig, key: str, host: PluginHost, loader: Any) -> list[str]:
+    """The objective must be registered, accept its settings and fit the data's samples."""
+    kind = job.objective.type
+    if kind not in host.objectives:
+        return [f"{key}.objective.type: {host.objectives.unknown_message(kind)}"]
+    try:
+        objective = host.objectives.create(kind, config=job.objective)
+    except ConfigError as exc:
+        return [f"{key}.objective.{p}" for p in exc.problems]
+    given = getattr(loader, "sequences_per_sample", 1) if loader is not None else None
+    if given is not None and given != objective.sequences_per_sample:
+        shape = {1: "one sequence per sample", 2: "preference pairs"}
+        return [
+            f"{key}.objective.type: {kind!r} trains on {shape.get(objective.sequences_per_sample, 'other samples')}, "
+            f"but data.type {job.data.type!r} gives {shape.get(given, f'{given} sequences per sample')}"
+            + (" (use data.type: preference)" if objective.sequences_per_sample == 2 else "")
+        ]
+    return []
+
+
 def _output_dir_problems(output_dir: str) -> list[str]:
     """The output dir must be creatable and writable (checked without creating it)."""
     path = Path(output_dir).expanduser().absolute()
@@ -286,6 +306,7 @@ def _validate_job(
     loader = _lookup(host.data_loaders, job.data.type, f"{key}.data.type", problems)
     if loader is not None:
         problems += [f"{key}.data.{p}" for p in loader.validate(job.data)]
+    problems += _objective_problems(job, key, host, loader)
     problems += [f"{key}.train.{p}" for p in _train_problems(job.train)]
     problems += [f"{key}.{p}" for p in _evaluation_problems(job)]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlora_core.config.schema import DataConfig
 from mlora_core.errors import DataError
+from mlora_core.plugin_api.conventions import IGNORE_INDEX
 from mlora_core.plugin_api.protocols import Sample, SplitDataset
 
 #: Fewest records a job must keep for training after the held-out split.
@@ -73,3 +74,9 @@ def split_held_out(samples: list[Sample], val_set_size: float, seed: int) -> Spl
         train=[s for i, s in enumerate(samples) if i not in held_out],
         eval=[s for i, s in enumerate(samples) if i in held_out],
     )
+
+
+def learned_tokens(sample: Sample) -> int:
+    """Positions of ``sample`` that count in the loss: learned labels after the shift, the
+    first token of each of its sequences never (nothing in the sequence precedes it)."""
+    return sum(sum(1 for label in seq.labels[1:] if label != IGNORE_INDEX) for seq in sample.sequences())

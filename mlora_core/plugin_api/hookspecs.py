@@ -79,6 +79,20 @@ def mlora_register_datasets(register: Register) -> None:
 
 
 @hookspec
+def mlora_register_objectives(register: Register) -> None:
+    """Register training objectives (``jobs[].objective.type``: ``sft``, ``dpo``, ...).
+
+    :param register: ``register(name, factory)``; ``factory(config)`` gets the job's
+        :class:`mlora_core.config.schema.ObjectiveConfig` and returns a
+        :class:`mlora_core.plugin_api.protocols.Objective`; it raises
+        :class:`mlora_core.errors.ConfigError` for settings it cannot take (config validation
+        builds it once, before anything loads).
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec
 def mlora_register_monitors(register: Register) -> None:
     """Register monitors, the metric sinks named under the config's ``monitor`` section.
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         DatasetLoader,
         ModelBackend,
         Monitor,
+        Objective,
         PromptTemplate,
     )
     from mlora_core.plugin_api.scheduling import BatchScheduler
@@ -64,6 +65,7 @@ REGISTRIES = (
     RegistryKind("adapter_type", "adapter type", "mlora_register_adapters"),
     RegistryKind("scheduler", "scheduler", "mlora_register_schedulers"),
     RegistryKind("data_loader", "data loader", "mlora_register_datasets"),
+    RegistryKind("objective", "objective", "mlora_register_objectives"),
     RegistryKind("template", "prompt template", "mlora_register_templates"),
     RegistryKind("monitor", "monitor", "mlora_register_monitors"),
     RegistryKind("command", "command", "mlora_register_commands"),
@@ -156,6 +158,10 @@ class PluginHost:
     @property
     def data_loaders(self) -> Registry[DatasetLoader]:
         return cast("Registry[DatasetLoader]", self.registry("data_loader"))
+
+    @property
+    def objectives(self) -> Registry[Objective]:
+        return cast("Registry[Objective]", self.registry("objective"))
 
     @property
     def templates(self) -> Registry[PromptTemplate]:

@@ -127,13 +127,32 @@ class AdapterType(Protocol):
 
 @dataclass(frozen=True)
 class Sample:
-    """One tokenized training example. ``labels[i]`` is ``input_ids[i]`` or -100 (not learned)."""
+    """One tokenized training example. ``labels[i]`` is ``input_ids[i]`` or -100 (not learned).
+
+    A sample may hold several sequences that train together (a preference pair: the prompt
+    with the chosen completion, then the prompt with the rejected one): ``starts`` gives
+    where the second and later sequences begin in ``input_ids``. Each sequence gets its own
+    positions and attention (:meth:`sequences`); schedulers see the sample as one unit of
+    ``len(sample)`` tokens.
+    """
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    #: Start of each sequence after the first (empty: one sequence).
+    starts: tuple[int, ...] = ()
+    #: Per sequence, the summed log-probability of its learned tokens under the objective's
+    #: reference model (filled in by the engine for objectives that need one; else None).
+    reference_logps: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def sequences(self) -> list[Sample]:
+        """The sequences of this sample, each a one-sequence :class:`Sample`, in order."""
+        if not self.starts:
+            return [self]
+        bounds = [0, *self.starts, len(self.input_ids)]
+        return [Sample(self.input_ids[a:b], self.labels[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 @dataclass
@@ -161,6 +180,56 @@ class DatasetLoader(Protocol):
 
     def load(self, config: DataConfig, tokenizer: Any, seed: int) -> SplitDataset:
         """Read, template, tokenize and split the data."""
+        ...
+
+
+# --- objectives -----------------------------------------------------------------------
+
+
+@dataclass
+class SequenceLogps:
+    """What one job's rows of a step (or its held-out samples) give an objective.
+
+    ``S`` samples of ``K`` sequences each (:attr:`Objective.sequences_per_sample`), in the
+    order of the samples; a preference pair is (chosen, rejected).
+    """
+
+    #: (S, K) fp32: per sequence, the summed log-probability of its learned tokens.
+    logps: torch.Tensor
+    #: (S, K) fp32: per sequence, how many tokens it learns.
+    tokens: torch.Tensor
+    #: (S, K) fp32 reference log-probabilities (:attr:`Sample.reference_logps`), or None when
+    #: the objective needs none.
+    reference_logps: torch.Tensor | None = None
+
+
+class Objective(Protocol):
+    """How a job learns from its samples (``jobs[].objective.type``): next-token loss, a preference loss, ...
+
+    Built with ``factory(config=ObjectiveConfig)``. The core computes the per-token
+    cross-entropy of every learned position in one forward for all jobs; an objective turns
+    its job's share into that job's loss. A job's loss is the mean over its optimizer batch of
+    whatever the objective averages over (tokens, pairs): :meth:`units` counts them for the
+    whole optimizer batch, so micro-batches add up to the full batch's loss.
+    """
+
+    #: Sequences per sample: 1 (a prompt and its completion), 2 (a preference pair: chosen,
+    #: then rejected). The job's data loader must give samples of that many sequences.
+    sequences_per_sample: int
+    #: Whether :meth:`loss` reads :attr:`SequenceLogps.reference_logps` (the core computes the
+    #: reference model's log-probabilities once, before training, and keeps them with the samples).
+    needs_reference: bool
+    #: Names of the training metrics :meth:`loss` reports (``rewards/chosen``, ...): each the
+    #: mean over the optimizer batch's samples; shown with the job's loss.
+    metric_names: tuple[str, ...]
+
+    def units(self, samples: Sequence[Sample]) -> dict[str, int]:
+        """What an optimizer batch's loss is averaged over, counted over ``samples`` (e.g.
+        ``{"tokens": learned tokens}`` or ``{"pairs": n, "chosen_tokens": m}``)."""
+        ...
+
+    def loss(self, out: SequenceLogps, units: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(these samples' share of the optimizer batch's loss, per metric the sum over these samples)."""
         ...
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mlora_core.plugin_api.conventions import IGNORE_INDEX
+from mlora_core.plugin_api.data import learned_tokens
 from mlora_core.plugin_api.packing import pack_rows, row_length
 from mlora_core.plugin_api.protocols import Sample
 from mlora_core.plugin_api.routing import Segment
@@ -40,6 +41,14 @@ class MultiJobBatch:
     segment_learned: tuple[int, ...]
     #: (B, T) long: positions within each sample; None for a padded batch.
     position_ids: torch.Tensor | None = None
+    #: Per segment: the learned positions of each of its sequences, in batch order, and the
+    #: index (in the job's part) of the sample each sequence belongs to. A sample's sequences
+    #: are consecutive and in order in both layouts.
+    sequence_learned: tuple[tuple[int, ...], ...] = ()
+    sequence_samples: tuple[tuple[int, ...], ...] = ()
+    #: Per segment: (S, K) fp32 reference log-probabilities of its samples' sequences
+    #: (:attr:`Sample.reference_logps`, in the job's order), or None when its samples have none.
+    reference_logps: tuple[torch.Tensor | None, ...] = ()
 
     @property
     def samples(self) -> int:
@@ -67,11 +76,17 @@ class MultiJobBatch:
             for name in ("input_ids", "attention_mask", "labels", "position_ids")
             if getattr(self, name) is not None
         }
-        return dataclasses.replace(self, **moved)
+        references = tuple(None if r is None else r.to(device) for r in self.reference_logps)
+        return dataclasses.replace(self, **moved, reference_logps=references)
 
 
 def build_batch(parts: Sequence[tuple[str, Sequence[Sample]]], pad_id: int) -> MultiJobBatch:
-    """Stack each job's samples in order, one a row; ``parts`` is (job name, its samples) per job."""
+    """Stack each job's samples in order, one sequence a row (a preference pair takes two
+    rows); ``parts`` is (job name, its samples) per job."""
+    order = [list(range(len(samples))) for _, samples in parts]
+    sequence_learned, sequence_samples = _sequence_layout(parts, order)
+    references = tuple(reference_tensor(samples) for _, samples in parts)
+    parts = [(name, [seq for s in samples for seq in s.sequences()]) for name, samples in parts]
     rows = [s for _, samples in parts for s in samples]
     if not rows:
         raise ValueError("a batch needs at least one sample")
@@ -88,7 +103,16 @@ def build_batch(parts: Sequence[tuple[str, Sequence[Sample]]], pad_id: int) -> M
     for name, samples in parts:
         segments.append(Segment(name, start, start + len(samples)))
         start += len(samples)
-    return MultiJobBatch(input_ids, mask, labels, tuple(segments), *_counts(parts))
+    return MultiJobBatch(
+        input_ids,
+        mask,
+        labels,
+        tuple(segments),
+        *_counts(parts),
+        sequence_learned=sequence_learned,
+        sequence_samples=sequence_samples,
+        reference_logps=references,
+    )
 
 
 def build_packed_batch(
@@ -101,6 +125,8 @@ def build_packed_batch(
 
     Rows are as long as :func:`~mlora_core.plugin_api.packing.row_length` says. Each row's tail
     of pads gets positions 0, 1, ... of its own, a sequence apart that no sample attends to.
+    A sample of several sequences (:attr:`Sample.starts`) stays in one piece; its positions
+    restart with each sequence, whose first token is not a target.
     """
     lengths = [[len(s) for s in samples] for _, samples in parts]
     if not any(lengths):
@@ -113,22 +139,55 @@ def build_packed_batch(
     mask = torch.zeros(shape, dtype=torch.long)
     positions = torch.zeros(shape, dtype=torch.long)
     starts = [input_ids.numel()] * len(parts)  # flat index of each job's first token
+    order: list[list[int]] = [[] for _ in parts]  # each job's samples, in batch order
     for r, row in enumerate(layout):
         col = 0
         for job, i in row:
-            s = parts[job][1][i]
-            n = len(s)
-            input_ids[r, col : col + n] = torch.tensor(s.input_ids)
-            labels[r, col + 1 : col + n] = torch.tensor(s.labels[1:])
-            mask[r, col : col + n] = 1
-            positions[r, col : col + n] = torch.arange(n)
-            starts[job] = min(starts[job], r * width + col)
-            col += n
+            for seq in parts[job][1][i].sequences():
+                n = len(seq)
+                input_ids[r, col : col + n] = torch.tensor(seq.input_ids)
+                labels[r, col + 1 : col + n] = torch.tensor(seq.labels[1:])
+                mask[r, col : col + n] = 1
+                positions[r, col : col + n] = torch.arange(n)
+                starts[job] = min(starts[job], r * width + col)
+                col += n
+            order[job].append(i)
         positions[r, col:] = torch.arange(width - col)
     bounds = [*starts, input_ids.numel()]
     segments = tuple(Segment(name, bounds[j], bounds[j + 1]) for j, (name, _) in enumerate(parts))
     count = sum(len(samples) for _, samples in parts)
-    return MultiJobBatch(input_ids, mask, labels, segments, *_counts(parts), position_ids=positions, sample_count=count)
+    sequence_learned, sequence_samples = _sequence_layout(parts, order)
+    return MultiJobBatch(
+        input_ids,
+        mask,
+        labels,
+        segments,
+        *_counts(parts),
+        position_ids=positions,
+        sample_count=count,
+        sequence_learned=sequence_learned,
+        sequence_samples=sequence_samples,
+        reference_logps=tuple(reference_tensor(samples) for _, samples in parts),
+    )
+
+
+def reference_tensor(samples: Sequence[Sample]) -> torch.Tensor | None:
+    """(S, K) fp32 of the samples' :attr:`Sample.reference_logps`; None when any has none."""
+    if not samples or any(s.reference_logps is None for s in samples):
+        return None
+    return torch.tensor([s.reference_logps for s in samples], dtype=torch.float32)
+
+
+def _sequence_layout(
+    parts: Sequence[tuple[str, Sequence[Sample]]], order: Sequence[Sequence[int]]
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """Per job: learned positions of each sequence and its sample's index, samples in ``order``."""
+    learned, owners = [], []
+    for (_, samples), job_order in zip(parts, order, strict=True):
+        sequences = [(i, seq) for i in job_order for seq in samples[i].sequences()]
+        learned.append(tuple(learned_tokens(seq) for _, seq in sequences))
+        owners.append(tuple(i for i, _ in sequences))
+    return tuple(learned), tuple(owners)
 
 
 def _counts(parts: Sequence[tuple[str, Sequence[Sample]]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -136,8 +195,3 @@ def _counts(parts: Sequence[tuple[str, Sequence[Sample]]]) -> tuple[tuple[int, .
     tokens = tuple(sum(len(s) for s in samples) for _, samples in parts)
     learned = tuple(sum(learned_tokens(s) for s in samples) for _, samples in parts)
     return tokens, learned
-
-
-def learned_tokens(sample: Sample) -> int:
-    """Number of positions of ``sample`` that count in the loss (after the shift)."""
-    return sum(1 for label in sample.labels[1:] if label != IGNORE_INDEX)

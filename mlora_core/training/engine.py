@@ -28,20 +28,28 @@ from mlora_core.errors import Interrupted, MloraError
 from mlora_core.events import RunEvents
 from mlora_core.models.loading import load_base_model
 from mlora_core.models.recompute import checkpoint_blocks
+from mlora_core.models.saved_adapters import load_adapter
 from mlora_core.plugin_api.conventions import pad_token_id
 from mlora_core.plugin_api.host import PluginHost
-from mlora_core.plugin_api.protocols import LoadedModel, Sample
+from mlora_core.plugin_api.protocols import LoadedModel, Sample, SequenceLogps, SplitDataset
 from mlora_core.plugin_api.routing import RowRouter
 from mlora_core.plugin_api.scheduling import StepBudget
 from mlora_core.training.batch import MultiJobBatch, build_batch, build_packed_batch
 from mlora_core.training.held_out import HeldOutEvaluator, Results
 from mlora_core.training.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
-from mlora_core.training.loss import learned_token_losses, per_job_loss_sums
+from mlora_core.training.loss import learned_token_losses, per_job_sequence_logps
 from mlora_core.training.memory import MemoryModel, device_memory_limit, reset_step_peak, step_peak
+from mlora_core.training.reference import with_reference_logps
 from mlora_core.training.run_directory import RunDirectory, load_engine_state, load_job_state
 from mlora_core.training.run_stats import RunStats, merge_ranks, step_metrics
 from mlora_core.training.summary import job_entry, run_summary
 from mlora_core.training.utilisation import UtilisationMeter
+
+#: A job's part of a step: (its share of the optimizer batch's loss, its non-pad tokens,
+#: its objective's metric sums), on this rank.
+StepLoss = tuple[torch.Tensor, int, dict[str, torch.Tensor]]
+#: The same over every rank, as numbers.
+StepTotal = tuple[float, int, dict[str, float]]
 
 
 class Engine:
@@ -139,10 +147,31 @@ class Engine:
         self.jobs = [self._make_job(i, jc) for i, jc in enumerate(self.config.jobs)]
 
     def _make_job(self, order: int, jc: JobConfig) -> Job:
+        objective = self.host.objectives.create(jc.objective.type, config=jc.objective)
         data = self.host.data_loaders.create(jc.data.type).load(jc.data, self.loaded.tokenizer, jc.train.seed)
+        check_sequences(jc, data, objective.sequences_per_sample)
+        if objective.sequences_per_sample > 1 or objective.needs_reference:
+            data = self._with_reference(jc, data, train=objective.needs_reference)
         torch.manual_seed(jc.train.seed)  # adapter init depends on the job's seed only
         adapter = self.host.adapters.create(jc.adapter.type).attach(self.model, jc.name, jc.adapter, self.router)
-        return Job(order, jc, adapter, data)
+        return Job(order, jc, adapter, data, objective)
+
+    def _with_reference(self, jc: JobConfig, data: SplitDataset, train: bool) -> SplitDataset:
+        """``data`` with reference log-probabilities: of the held-out samples always (preference
+        accuracy compares with the base), of the training samples when the objective needs them.
+        ``objective.reference``: ``base``, or a saved adapter attached for this and detached after."""
+        where = jc.objective.reference
+        name = None if where == "base" else f"reference_{jc.name}"
+        reference = None if name is None else load_adapter(self.host, self.model, name, where, self.router)
+
+        def fill(samples: list[Sample]) -> list[Sample]:
+            return with_reference_logps(self.loaded, self.router, samples, self.pad_id, self.device, name)
+
+        try:
+            return SplitDataset(fill(data.train) if train else data.train, fill(data.eval))
+        finally:
+            if reference is not None:
+                reference.detach()
 
     # --- the run --------------------------------------------------------------------------
 
@@ -269,10 +298,11 @@ class Engine:
             return build_packed_batch(local, self.pad_id, budget.pack_length, budget.attention_parity).to(self.device)
         return build_batch(local, self.pad_id).to(self.device)
 
-    def _forward_backward(self, batch: MultiJobBatch | None, learn: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
+    def _forward_backward(self, batch: MultiJobBatch | None, learn: bool = True) -> dict[str, StepLoss]:
         """One forward over this rank's rows, per-job losses, one backward of their finite sum.
 
-        Returns per job: (its rows' share of the optimizer batch's loss, their non-pad tokens).
+        Returns per job: (its rows' share of the optimizer batch's loss, their non-pad tokens,
+        its objective's metric sums over them).
         ``learn=False``: a row that only takes part in a sharded base's collectives; its
         backward adds exact zeros to the adapter's gradients, and nothing is returned.
         """
@@ -280,13 +310,15 @@ class Engine:
             return {}
         with self.router.route(batch.segments, by_tokens=batch.packed):
             token_losses = learned_token_losses(self.loaded, batch)  # (learned positions,)
-        sums = per_job_loss_sums(batch, token_losses)  # job -> (loss sum, learned tokens)
+        sequences = per_job_sequence_logps(batch, token_losses)  # job -> (log-probs, tokens), (S, K)
         by_name = {j.name: j for j in self.jobs}
         losses = {}
-        for seg, tokens in zip(batch.segments, batch.segment_tokens, strict=True):
+        for seg, tokens, reference in zip(batch.segments, batch.segment_tokens, batch.reference_logps, strict=True):
             assert seg.adapter is not None
-            losses[seg.adapter] = (by_name[seg.adapter].scale_loss(sums[seg.adapter][0]), tokens)
-        stacked = torch.stack([loss for loss, _ in losses.values()])  # (jobs,)
+            logps, counts = sequences[seg.adapter]
+            loss, metrics = by_name[seg.adapter].loss(SequenceLogps(logps, counts, reference))
+            losses[seg.adapter] = (loss, tokens, metrics)
+        stacked = torch.stack([loss for loss, _, _ in losses.values()])  # (jobs,)
         finite = torch.isfinite(stacked.detach()).tolist()  # one device sync for every job
         if any(finite):
             total = stacked[torch.tensor(finite, device=stacked.device)].sum()
@@ -297,20 +329,27 @@ class Engine:
         self,
         chosen: list[Job],
         batch: MultiJobBatch | None,
-        losses: dict[str, tuple[torch.Tensor, int]],
+        losses: dict[str, StepLoss],
         out_of_memory: bool,
-    ) -> dict[str, tuple[float, int]] | None:
-        """Per job: (loss, non-pad tokens) of the step over every rank; None: a rank ran out of memory.
+    ) -> dict[str, StepTotal] | None:
+        """Per job: (loss, non-pad tokens, objective metric sums) of the step over every rank;
+        None: a rank ran out of memory.
 
         Under ``rows`` this is the step's one collective: the values are summed over the ranks,
         so every rank sees the same losses (and fails a diverging job at the same step).
         """
         n = len(chosen)
-        values = torch.zeros(2 * n + 2, dtype=torch.float64)
+        names = [job.objective.metric_names for job in chosen]  # alike on every rank
+        offsets = [2 * n + 2 + sum(len(m) for m in names[:i]) for i in range(n)]
+        values = torch.zeros(2 * n + 2 + sum(len(m) for m in names), dtype=torch.float64)
         mine = [i for i, job in enumerate(chosen) if job.name in losses]
-        if mine:  # one device sync for every job's loss
-            local = torch.stack([losses[chosen[i].name][0].detach() for i in mine]).double().cpu()
-            values[mine] = local
+        if mine:  # one device sync for every job's loss and metrics
+            local = [losses[chosen[i].name][0].detach() for i in mine]
+            local += [losses[chosen[i].name][2][m].detach() for i in mine for m in names[i]]
+            stacked = torch.stack(local).double().cpu()
+            values[mine] = stacked[: len(mine)]
+            slots = [offsets[i] + k for i in mine for k in range(len(names[i]))]
+            values[slots] = stacked[len(mine) :]
             values[[n + i for i in mine]] = torch.tensor([losses[chosen[i].name][1] for i in mine], dtype=torch.float64)
         values[2 * n] = float(out_of_memory)
         values[2 * n + 1] = float(out_of_memory and batch is not None and batch.samples == 1)
@@ -318,11 +357,12 @@ class Engine:
         if values[2 * n] > 0:
             self._oom_on_one_row = bool(values[2 * n + 1] > 0)
             return None
-        totals: dict[str, tuple[float, int]] = {}
+        totals: dict[str, StepTotal] = {}
         for i, job in enumerate(chosen):
             loss = float(values[i])
             if torch.isfinite(values[i]):
-                totals[job.name] = (loss, int(values[n + i]))
+                metrics = {m: float(values[offsets[i] + k]) for k, m in enumerate(names[i])}
+                totals[job.name] = (loss, int(values[n + i]), metrics)
             else:
                 job.fail(f"loss became {loss} at step {job.progress.step + 1}", revert=True)
         return totals
@@ -338,7 +378,7 @@ class Engine:
         return {**step_metrics(batch, peak, seconds), **self.utilisation.read(seconds)}
 
     def _step_optimizers(
-        self, chosen: list[Job], totals: dict[str, tuple[float, int]], seconds: float
+        self, chosen: list[Job], totals: dict[str, StepTotal], seconds: float
     ) -> dict[str, dict[str, float]]:
         """Each job that took part records its rows; those whose optimizer batch is complete step.
 
@@ -347,7 +387,8 @@ class Engine:
         stepping = []
         for job in chosen:
             if job.name in totals:
-                job.record_rows(*totals[job.name], seconds)
+                loss, tokens, sums = totals[job.name]
+                job.record_rows(loss, tokens, seconds, sums)
                 if job.batch_complete:
                     stepping.append(job)
         self.strategy.reduce_gradients(stepping)
@@ -640,6 +681,17 @@ class Engine:
             self.run_dir.write_summary(summary)
         self.events.train_end(summary)
         return summary
+
+
+def check_sequences(jc: JobConfig, data: SplitDataset, expected: int) -> None:
+    """Every sample of the job's data has as many sequences as its objective trains on."""
+    for where, samples in (("training", data.train), ("held-out", data.eval)):
+        wrong = next((s for s in samples if len(s.sequences()) != expected), None)
+        if wrong is not None:
+            raise MloraError(
+                f"job {jc.name!r}: objective {jc.objective.type!r} trains on samples of {expected} sequence(s), "
+                f"but a {where} sample of data.type {jc.data.type!r} has {len(wrong.sequences())}"
+            )
 
 
 def run(config: MloraConfig, host: PluginHost) -> dict[str, Any]:

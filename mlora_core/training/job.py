@@ -3,9 +3,10 @@
 A job's data is cut into optimizer batches of ``batch_size`` samples (per epoch, in a
 seeded order: :mod:`mlora_core.training.data_order`). The scheduler decides how many rows
 of the current optimizer batch go into each engine step (usually ``micro_batch_size``). The
-loss of those rows is the sum of their token losses divided by the number of learned tokens
-of the whole optimizer batch, so however the batch is split, the accumulated gradient is
-exactly the token-mean gradient of the full batch.
+job's objective turns those rows' log-probabilities into their share of the optimizer batch's
+loss: sums divided by counts over the whole optimizer batch (learned tokens for ``sft``, pairs
+for the preference objectives; :meth:`Objective.units`), so however the batch is split, the
+accumulated gradient is exactly the full batch's.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import torch
 
 from mlora_core.config.schema import JobConfig
 from mlora_core.errors import MloraError
-from mlora_core.plugin_api.protocols import Adapter, Sample, SplitDataset
-from mlora_core.training.batch import learned_tokens
+from mlora_core.plugin_api.protocols import Adapter, Objective, Sample, SequenceLogps, SplitDataset
 from mlora_core.training.data_order import lr_multiplier, optimizer_batches
 from mlora_core.training.early_stopping import EarlyStopping, EvalHistory
 
@@ -46,6 +46,8 @@ class JobProgress:
     batch_loss: float = 0.0
     batch_tokens: int = 0
     batch_seconds: float = 0.0
+    #: The current optimizer batch so far: per objective metric, its sum over the samples.
+    batch_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     final_train_loss: float | None = None
     #: Highest peak memory of the engine steps this job took part in.
     peak_memory_bytes: int = 0
@@ -59,7 +61,9 @@ class Job:
     ``remaining_tokens`` and ``next_lengths()``.
     """
 
-    def __init__(self, order: int, config: JobConfig, adapter: Adapter, data: SplitDataset) -> None:
+    def __init__(
+        self, order: int, config: JobConfig, adapter: Adapter, data: SplitDataset, objective: Objective
+    ) -> None:
         self.name = config.name
         self.order = order
         self.priority = config.priority
@@ -68,6 +72,7 @@ class Job:
         self.config = config
         self.adapter = adapter
         self.data = data
+        self.objective = objective
         self.progress = JobProgress()
         self.early_stopping = EarlyStopping(config.train.early_stop)
         t = config.train
@@ -91,7 +96,7 @@ class Job:
         )
         self.started = time.perf_counter()
         self.ended: float | None = None
-        self.denominator = self._batch_denominator()
+        self.units = self._batch_units()
         self._last_good = [p.detach().clone() for p in self.params]  # weights before the latest step
 
     @property
@@ -131,28 +136,32 @@ class Job:
 
     # --- training -----------------------------------------------------------------------
 
-    def _batch_denominator(self) -> int:
+    def _batch_units(self) -> dict[str, int]:
+        """What the current optimizer batch's loss is averaged over (:meth:`Objective.units`)."""
         if self.progress.step >= self.total_steps:
-            return 1
-        return sum(learned_tokens(self.data.train[i]) for i in self.batches[self.progress.step])
+            return {}
+        return self.objective.units([self.data.train[i] for i in self.batches[self.progress.step]])
 
-    def scale_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        """These rows' share of the optimizer batch's token-mean loss."""
-        return loss_sum / self.denominator
+    def loss(self, out: SequenceLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(these rows' share of the optimizer batch's loss, the objective's metric sums over them)."""
+        return self.objective.loss(out, self.units)
 
-    def record_rows(self, scaled_loss: float, tokens: int, seconds: float) -> None:
+    def record_rows(self, scaled_loss: float, tokens: int, seconds: float, metrics: dict[str, float]) -> None:
         """Account for the rows this job had in an engine step, after the backward.
 
         Args:
-            scaled_loss: the rows' loss from :meth:`scale_loss`.
+            scaled_loss: the rows' loss from :meth:`loss`.
             tokens: non-pad tokens of the job's rows in the step.
             seconds: wall time of the engine step.
+            metrics: the objective's metric sums over the rows.
         """
         p = self.progress
         p.batch_loss += scaled_loss
         p.batch_tokens += tokens
         p.batch_seconds += seconds
         p.train_tokens += tokens
+        for name, value in metrics.items():
+            p.batch_metrics[name] = p.batch_metrics.get(name, 0.0) + value
 
     @property
     def batch_complete(self) -> bool:
@@ -185,11 +194,13 @@ class Job:
             "tokens_per_s": p.batch_tokens / max(p.batch_seconds, 1e-9),
             "tokens_seen": p.train_tokens,
         }
+        samples = len(self.batches[p.step])
+        metrics |= {name: value / samples for name, value in p.batch_metrics.items()}
         p.final_train_loss = p.batch_loss
-        p.batch_loss, p.batch_tokens, p.batch_seconds = 0.0, 0, 0.0
+        p.batch_loss, p.batch_tokens, p.batch_seconds, p.batch_metrics = 0.0, 0, 0.0, {}
         p.step += 1
         p.pos = 0
-        self.denominator = self._batch_denominator()
+        self.units = self._batch_units()
         if p.step >= self.total_steps:
             p.status = COMPLETED
         return metrics
@@ -200,7 +211,7 @@ class Job:
         p = self.progress
         self.optimizer.zero_grad(set_to_none=True)
         p.train_tokens -= p.batch_tokens
-        p.pos, p.batch_loss, p.batch_tokens = 0, 0.0, 0
+        p.pos, p.batch_loss, p.batch_tokens, p.batch_metrics = 0, 0.0, 0, {}
 
     def fail(self, reason: str, revert: bool = False) -> None:
         """Mark the job failed; ``revert``: its latest optimizer step made the weights unusable,
@@ -291,9 +302,12 @@ class Job:
                 slots.setdefault(int(index), {})[slot] = value
         self.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
         self.lr_schedule.load_state_dict({**state["lr_schedule"], "lr_lambdas": [None]})
-        self.progress = JobProgress(**{f.name: state[f.name] for f in dataclasses.fields(JobProgress)})
+        # fields added since a checkpoint was written keep their defaults (batch_metrics)
+        self.progress = JobProgress(
+            **{f.name: state[f.name] for f in dataclasses.fields(JobProgress) if f.name in state}
+        )
         self.early_stopping.history = EvalHistory(**{f.name: state[f.name] for f in dataclasses.fields(EvalHistory)})
-        self.denominator = self._batch_denominator()
+        self.units = self._batch_units()
 
     def release(self) -> None:
         """Free the optimizer state and the adapter's weights (after saving)."""

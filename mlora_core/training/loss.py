@@ -114,6 +114,36 @@ def per_job_loss_sums(batch: MultiJobBatch, losses: torch.Tensor) -> dict[str, t
     return out
 
 
+def per_job_sequence_logps(batch: MultiJobBatch, losses: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per job: (log-probabilities (S, K), learned tokens (S, K)) of each sequence of its samples.
+
+    Args:
+        losses: (N,) per learned position, as :func:`learned_token_losses` returns them.
+
+    ``S`` is the job's samples in the order it gave them (not the batch's), ``K`` the
+    sequences per sample; a sequence's log-probability is minus the sum of its tokens' losses.
+    """
+    out = {}
+    for seg, job_losses, counts, owners in zip(
+        batch.segments,
+        torch.split(losses, list(batch.segment_learned)),
+        batch.sequence_learned,
+        batch.sequence_samples,
+        strict=True,
+    ):
+        assert seg.adapter is not None
+        n_seq = len(counts)
+        which = torch.repeat_interleave(torch.arange(n_seq), torch.tensor(counts, dtype=torch.long))
+        sums = job_losses.new_zeros(n_seq).index_add(0, which.to(job_losses.device), job_losses)
+        per_sample = n_seq // len(set(owners))
+        # batch order -> the job's order: row k of the result is the batch's row inverse[k]
+        inverse = torch.argsort(torch.tensor(owners[::per_sample]))
+        tokens = torch.tensor(counts, dtype=torch.float32).view(-1, per_sample)[inverse]
+        logps = -sums.view(-1, per_sample)[inverse.to(sums.device)]
+        out[seg.adapter] = (logps, tokens.to(job_losses.device))
+    return out
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """``cross_entropy(transform(hidden @ weight.T + bias), targets, reduction="none")`` a chunk of positions at a time.
 

@@ -18,8 +18,8 @@ SUMMARY_FORMAT = 1
 def job_entry(
     job: Job, before: Mapping[str, float | None], after: Mapping[str, float | None], adapter_dir: str | None
 ) -> dict[str, Any]:
-    """One job's entry; ``before`` and ``after`` hold ``eval_loss`` and ``accuracy`` (either
-    may be missing or None)."""
+    """One job's entry; ``before`` and ``after`` hold ``eval_loss``, ``accuracy`` and
+    ``preference_accuracy`` (any may be missing or None)."""
     p, h = job.progress, job.history
     return {
         "name": job.name,
@@ -32,6 +32,8 @@ def job_entry(
         "eval_loss_after": after.get("eval_loss"),
         "accuracy_before": before.get("accuracy"),
         "accuracy_after": after.get("accuracy"),
+        "preference_accuracy_before": before.get("preference_accuracy"),
+        "preference_accuracy_after": after.get("preference_accuracy"),
         "best_eval_loss": h.best_eval_loss,
         "best_step": h.best_step,
         "stopped_early": h.stopped_early,

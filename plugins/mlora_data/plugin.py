@@ -1,4 +1,4 @@
-"""Registers the ``alpaca`` and ``chat`` data loaders and the prompt templates.
+"""Registers the ``alpaca``, ``chat`` and ``preference`` data loaders and the prompt templates.
 
 The ``chat`` template (the tokenizer's own chat template) is not registered as a prompt
 template: a :class:`~mlora_core.plugin_api.protocols.PromptTemplate` renders without a
@@ -14,9 +14,11 @@ from mlora_core.plugin_api.hookspecs import Register, hookimpl
 def mlora_register_datasets(register: Register) -> None:
     from mlora_data.alpaca import AlpacaLoader
     from mlora_data.chat import ChatLoader
+    from mlora_data.preference import PreferenceLoader
 
     register("alpaca", AlpacaLoader)
     register("chat", ChatLoader)
+    register("preference", PreferenceLoader)
 
 
 @hookimpl

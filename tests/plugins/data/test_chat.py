@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WORDS, alpaca_records, write_jsonl
+from conftest import CHATML, WORDS, alpaca_records, write_jsonl
 
 from mlora_core.config.schema import DataConfig
 from mlora_core.errors import DataError
@@ -22,17 +22,6 @@ from mlora_core.evaluation.accuracy import answer_matches, question_and_answer
 from mlora_core.plugin_api.conventions import IGNORE_INDEX
 from mlora_data.alpaca import AlpacaLoader
 from mlora_data.chat import ChatLoader, read_conversations
-
-#: Qwen2's ChatML: a default system turn, ``<|im_start|>role\ncontent<|im_end|>\n``.
-CHATML = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and message['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 #: Gemma's: BOS, the system prompt folded into the first user turn, role ``model`` for the
 #: assistant, trimmed content, strict user/model alternation.
