@@ -3,7 +3,7 @@
 Each record asks for the sum of two two-digit numbers; the chosen answer is the sum, the
 rejected one is off by a small amount (1 to 3, or 10: a dropped or extra carry)::
 
-    {"prompt": "What is 17 + 25?", "chosen": "42", "rejected": "43"}
+    {"prompt": "17 + 25 =", "chosen": " 42", "rejected": " 43"}
 
 Run ``python examples/make_dpo_data.py`` to rewrite ``examples/data/arith_preference.jsonl``.
 """
@@ -21,7 +21,8 @@ SLIPS = (-10, -3, -2, -1, 1, 2, 3, 10)
 
 def preference_record(rng: random.Random) -> dict[str, str]:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return {"prompt": f"What is {a} + {b}?", "chosen": str(a + b), "rejected": str(a + b + rng.choice(SLIPS))}
+    # the completions start with a space, so they read right under every template (``none`` too)
+    return {"prompt": f"{a} + {b} =", "chosen": f" {a + b}", "rejected": f" {a + b + rng.choice(SLIPS)}"}
 
 
 def records(count: int, seed: int) -> list[dict[str, str]]:

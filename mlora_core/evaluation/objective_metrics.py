@@ -3,8 +3,10 @@
 ``eval_loss`` is the objective's own loss over all held-out samples (as if they were one
 optimizer batch). For preference pairs, ``preference_accuracy`` is the share of pairs whose
 chosen completion the adapter prefers to the rejected one by more than the reference does:
-``(pc - pr) > (rc - rr)``, with the reference's log-probabilities computed before training
-(the bare base, or the job's ``objective.reference``).
+``(pc - pr) - (rc - rr) > PREFERENCE_MARGIN``, with the reference's log-probabilities computed
+before training (the bare base, or the job's ``objective.reference``). The margin keeps float
+rounding from counting: before training the adapter is the reference (LoRA's B starts at 0),
+but batches of other shapes round its log-probabilities differently, by about 1e-5.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from mlora_core.plugin_api.protocols import LoadedModel, Objective, Sample, Sequ
 from mlora_core.plugin_api.routing import RowRouter
 from mlora_core.training.batch import build_batch, reference_tensor
 from mlora_core.training.loss import learned_token_losses, per_job_sequence_logps
+
+#: Nats by which the adapter's preference must exceed the reference's to count.
+PREFERENCE_MARGIN = 1e-3
 
 
 def objective_held_out(
@@ -38,7 +43,7 @@ def objective_held_out(
     accuracy = None
     if out.reference_logps is not None and out.logps.shape[1] == 2:
         policy, reference = out.logps, out.reference_logps
-        prefers = (policy[:, 0] - policy[:, 1]) > (reference[:, 0] - reference[:, 1])
+        prefers = (policy[:, 0] - policy[:, 1]) - (reference[:, 0] - reference[:, 1]) > PREFERENCE_MARGIN
         accuracy = float(prefers.float().mean())
     return {"eval_loss": float(loss), "preference_accuracy": accuracy}
 

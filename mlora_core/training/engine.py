@@ -35,6 +35,7 @@ from mlora_core.plugin_api.protocols import LoadedModel, Sample, SequenceLogps, 
 from mlora_core.plugin_api.routing import RowRouter
 from mlora_core.plugin_api.scheduling import StepBudget
 from mlora_core.training.batch import MultiJobBatch, build_batch, build_packed_batch
+from mlora_core.training.data_order import optimizer_batches
 from mlora_core.training.held_out import HeldOutEvaluator, Results
 from mlora_core.training.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
 from mlora_core.training.loss import learned_token_losses, per_job_sequence_logps
@@ -158,20 +159,34 @@ class Engine:
 
     def _with_reference(self, jc: JobConfig, data: SplitDataset, train: bool) -> SplitDataset:
         """``data`` with reference log-probabilities: of the held-out samples always (preference
-        accuracy compares with the base), of the training samples when the objective needs them.
+        accuracy compares with the base), of the training samples the job's optimizer batches
+        use (``max_steps`` may leave some out) when the objective needs them.
         ``objective.reference``: ``base``, or a saved adapter attached for this and detached after."""
         where = jc.objective.reference
         name = None if where == "base" else f"reference_{jc.name}"
         reference = None if name is None else load_adapter(self.host, self.model, name, where, self.router)
+        used = (
+            sorted({i for b in optimizer_batches([len(s) for s in data.train], jc.train) for i in b}) if train else []
+        )
 
         def fill(samples: list[Sample]) -> list[Sample]:
             return with_reference_logps(self.loaded, self.router, samples, self.pad_id, self.device, name)
 
+        started = time.perf_counter()
+        if self.world.is_main:
+            count = len(used) + len(data.eval)
+            print(f"mlora: [{jc.name}] reference log-probabilities of {count} samples ({where})...", flush=True)
         try:
-            return SplitDataset(fill(data.train) if train else data.train, fill(data.eval))
+            train_samples = list(data.train)
+            for i, sample in zip(used, fill([train_samples[i] for i in used]), strict=True):
+                train_samples[i] = sample
+            filled = SplitDataset(train_samples, fill(data.eval))
         finally:
             if reference is not None:
                 reference.detach()
+        if self.world.is_main:
+            print(f"mlora: [{jc.name}] reference done in {time.perf_counter() - started:.1f} s", flush=True)
+        return filled
 
     # --- the run --------------------------------------------------------------------------
 

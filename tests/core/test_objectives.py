@@ -153,7 +153,7 @@ def test_dpo_beside_sft_ends_as_trained_alone(make_config, data_dir, host, tmp_p
         torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=0)
     entry = next(j for j in summary["jobs"] if j["name"] == "dpo")
     assert entry["status"] == "completed" and entry["steps"] == 4
-    assert entry["preference_accuracy_before"] is not None and entry["preference_accuracy_after"] is not None
+    assert entry["preference_accuracy_before"] == 0  # the untrained adapter is the reference: no pair preferred more
     assert 0 <= entry["preference_accuracy_after"] <= 1
     sft_entry = next(j for j in summary["jobs"] if j["name"] == "sft")
     assert sft_entry["preference_accuracy_after"] is None
@@ -284,7 +284,9 @@ def test_a_saved_adapter_as_dpo_reference(make_config, host, tmp_path, tiny_llam
     assert layers and not any("reference" in key for m in layers for key in m.lora_A.keys())  # detached
 
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(tmp_path / "ref")).eval()
-    for sample in dpo.data.train[:4]:
+    used = [s for s in dpo.data.train if s.reference_logps is not None]  # those max_steps lets train
+    assert len(used) == 4 and all(s.reference_logps is not None for s in dpo.data.eval)
+    for sample in used:
         expected = []
         for seq in sample.sequences():
             with torch.no_grad():
