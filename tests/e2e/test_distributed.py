@@ -167,6 +167,30 @@ def test_rows_on_two_ranks_equal_one_process_with_uneven_shares(
         assert ours["eval_loss_after"] == pytest.approx(theirs["eval_loss_after"], rel=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["rows", "jobs"])
+def test_a_dpo_job_beside_sft_on_two_ranks_equals_one_process(make_config, data_dir, host, tmp_path, strategy):
+    """A DPO job (pairs, reference log-probabilities, reward metrics reduced over the ranks)
+    beside an SFT job: the same adapters, held-out preference accuracy and step metrics."""
+    pairs = Path(__file__).parents[2] / "examples" / "data" / "arith_preference.jsonl"
+    dpo = job("dpo", pairs, max_steps=4, batch_size=6, micro_batch_size=3, lr=5e-3)
+    dpo["data"].update(type="preference", val_set_size=8, cutoff_len=64)
+    dpo["objective"] = {"type": "dpo", "beta": 0.5}
+    config = make_config([dpo, job("sft", data_dir / "a.jsonl", max_steps=4)], monitor={"jsonl": {}})
+    done = _run(config, "--nproc", "2", f"distributed.strategy={strategy}")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    alone = _one_process(config, host, tmp_path / "alone")
+    _assert_same(out, tmp_path / "alone", ["dpo", "sft"], rtol=1e-5)
+    ours = {j["name"]: j for j in _summary(out)["jobs"]}
+    theirs = {j["name"]: j for j in alone["jobs"]}
+    assert ours["dpo"]["preference_accuracy_after"] == theirs["dpo"]["preference_accuracy_after"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["jobs"]["dpo"]["rewards/margins"] for r in records if r["event"] == "step" and "dpo" in r["jobs"]]
+    reference = [json.loads(line) for line in (tmp_path / "alone" / "metrics.jsonl").read_text().splitlines()]
+    expected = [r["jobs"]["dpo"]["rewards/margins"] for r in reference if r["event"] == "step" and "dpo" in r["jobs"]]
+    assert rewards == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
