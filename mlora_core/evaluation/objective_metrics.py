@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from mlora_core.plugin_api.protocols import LoadedModel, Objective, Sample, SequenceLogps
 from mlora_core.plugin_api.routing import RowRouter
-from mlora_core.training.batch import build_batch, reference_tensor
-from mlora_core.training.loss import learned_token_losses, per_job_sequence_logps
+from mlora_core.training.batch import reference_tensor
+from mlora_core.training.reference import sequence_logps
 
 #: Nats by which the adapter's preference must exceed the reference's to count.
 PREFERENCE_MARGIN = 1e-3
@@ -38,7 +36,8 @@ def objective_held_out(
     of adapter ``name`` on its held-out ``samples`` (None when there are none)."""
     if not samples:
         return {"eval_loss": None, "preference_accuracy": None}
-    out = _sequence_logps(loaded, router, name, samples, rows, pad_id, device)
+    logps, tokens = sequence_logps(loaded, router, samples, name, rows, pad_id, device)
+    out = SequenceLogps(logps, tokens, reference_tensor(samples))
     loss, _ = objective.loss(out, objective.units(samples))
     accuracy = None
     if out.reference_logps is not None and out.logps.shape[1] == 2:
@@ -46,31 +45,3 @@ def objective_held_out(
         prefers = (policy[:, 0] - policy[:, 1]) - (reference[:, 0] - reference[:, 1]) > PREFERENCE_MARGIN
         accuracy = float(prefers.float().mean())
     return {"eval_loss": float(loss), "preference_accuracy": accuracy}
-
-
-def _sequence_logps(
-    loaded: LoadedModel,
-    router: RowRouter,
-    name: str,
-    samples: Sequence[Sample],
-    rows: int,
-    pad_id: int,
-    device: str,
-) -> SequenceLogps:
-    """The adapter's per-sequence log-probabilities of ``samples`` (dropout off, no gradients)."""
-    logps, tokens = [], []
-    model = loaded.model
-    was_training = model.training
-    model.train(False)
-    try:
-        with torch.no_grad():
-            for i in range(0, len(samples), rows):
-                batch = build_batch([(name, list(samples[i : i + rows]))], pad_id).to(device)
-                with router.route(batch.segments):
-                    losses = learned_token_losses(loaded, batch)
-                chunk_logps, chunk_tokens = per_job_sequence_logps(batch, losses)[name]
-                logps.append(chunk_logps.float().cpu())
-                tokens.append(chunk_tokens.cpu())
-    finally:
-        model.train(was_training)
-    return SequenceLogps(torch.cat(logps), torch.cat(tokens), reference_tensor(samples))

@@ -35,7 +35,6 @@ from mlora_core.plugin_api.protocols import LoadedModel, Sample, SequenceLogps, 
 from mlora_core.plugin_api.routing import RowRouter
 from mlora_core.plugin_api.scheduling import StepBudget
 from mlora_core.training.batch import MultiJobBatch, build_batch, build_packed_batch
-from mlora_core.training.data_order import optimizer_batches
 from mlora_core.training.held_out import HeldOutEvaluator, Results
 from mlora_core.training.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
 from mlora_core.training.loss import learned_token_losses, per_job_sequence_logps
@@ -151,23 +150,22 @@ class Engine:
         objective = self.host.objectives.create(jc.objective.type, config=jc.objective)
         data = self.host.data_loaders.create(jc.data.type).load(jc.data, self.loaded.tokenizer, jc.train.seed)
         check_sequences(jc, data, objective.sequences_per_sample)
-        if objective.sequences_per_sample > 1 or objective.needs_reference:
-            data = self._with_reference(jc, data, train=objective.needs_reference)
         torch.manual_seed(jc.train.seed)  # adapter init depends on the job's seed only
         adapter = self.host.adapters.create(jc.adapter.type).attach(self.model, jc.name, jc.adapter, self.router)
-        return Job(order, jc, adapter, data, objective)
+        job = Job(order, jc, adapter, data, objective)
+        if objective.sequences_per_sample > 1 or objective.needs_reference:
+            job.data = self._with_reference(jc, data, job.batches if objective.needs_reference else [])
+        return job
 
-    def _with_reference(self, jc: JobConfig, data: SplitDataset, train: bool) -> SplitDataset:
+    def _with_reference(self, jc: JobConfig, data: SplitDataset, batches: list[list[int]]) -> SplitDataset:
         """``data`` with reference log-probabilities: of the held-out samples always (preference
-        accuracy compares with the base), of the training samples the job's optimizer batches
-        use (``max_steps`` may leave some out) when the objective needs them.
+        accuracy compares with the base), of the training samples in ``batches`` (the job's
+        optimizer batches when its objective needs them; ``max_steps`` may leave samples out).
         ``objective.reference``: ``base``, or a saved adapter attached for this and detached after."""
         where = jc.objective.reference
         name = None if where == "base" else f"reference_{jc.name}"
         reference = None if name is None else load_adapter(self.host, self.model, name, where, self.router)
-        used = (
-            sorted({i for b in optimizer_batches([len(s) for s in data.train], jc.train) for i in b}) if train else []
-        )
+        used = sorted({i for batch in batches for i in batch})
 
         def fill(samples: list[Sample]) -> list[Sample]:
             return with_reference_logps(self.loaded, self.router, samples, self.pad_id, self.device, name)

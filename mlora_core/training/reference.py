@@ -35,21 +35,40 @@ def with_reference_logps(
     """``samples`` with :attr:`Sample.reference_logps` set: per sequence, the summed
     log-probability of its learned tokens under the base (``adapter`` None) or under the
     attached ``adapter``. Dropout is off; the model's train/eval mode is restored."""
+    if not samples:
+        return []
+    logps, _ = sequence_logps(loaded, router, samples, adapter, REFERENCE_BATCH, pad_id, device)
+    values = logps.double().tolist()
+    return [dataclasses.replace(s, reference_logps=tuple(v)) for s, v in zip(samples, values, strict=True)]
+
+
+def sequence_logps(
+    loaded: LoadedModel,
+    router: RowRouter,
+    samples: Sequence[Sample],
+    adapter: str | None,
+    rows: int,
+    pad_id: int,
+    device: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities (S, K), learned tokens (S, K)) of every sequence of ``samples`` (at
+    least one) on the
+    CPU, with ``adapter`` routed (None: the bare base), ``rows`` samples a batch, dropout off,
+    no gradients; the model's train/eval mode is restored."""
+    logps, tokens = [], []
     model = loaded.model
     was_training = model.training
     model.train(False)
-    out: list[Sample] = []
     try:
         with torch.no_grad():
-            for i in range(0, len(samples), REFERENCE_BATCH):
-                chunk = list(samples[i : i + REFERENCE_BATCH])
-                batch = build_batch([("reference", chunk)], pad_id).to(device)
+            for i in range(0, len(samples), rows):
+                batch = build_batch([("part", list(samples[i : i + rows]))], pad_id).to(device)
                 (seg,) = batch.segments
                 with router.route([Segment(adapter, seg.start, seg.stop)]):
                     losses = learned_token_losses(loaded, batch)
-                logps, _ = per_job_sequence_logps(batch, losses)["reference"]
-                values = logps.double().cpu().tolist()
-                out += [dataclasses.replace(s, reference_logps=tuple(v)) for s, v in zip(chunk, values, strict=True)]
+                chunk_logps, chunk_tokens = per_job_sequence_logps(batch, losses)["part"]
+                logps.append(chunk_logps.float().cpu())
+                tokens.append(chunk_tokens.cpu())
     finally:
         model.train(was_training)
-    return out
+    return torch.cat(logps), torch.cat(tokens)
