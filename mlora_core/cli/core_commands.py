@@ -32,13 +32,18 @@ def load_config_arguments(args: argparse.Namespace) -> MloraConfig:
     return load_config(args.config, args.overrides)
 
 
+def add_output_dir_arguments(parser: argparse.ArgumentParser, what: str = "run") -> None:
+    """``--resume`` and ``--overwrite``, for commands that train into ``output_dir`` (public API)."""
+    parser.add_argument("--resume", action="store_true", help=f"continue the {what} in output_dir from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help=f"start again in an output_dir that holds a {what}")
+
+
 class RunCommand:
     help = "train every job of a config"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_config_arguments(parser)
-        parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
-        parser.add_argument("--overwrite", action="store_true", help="start again in an output_dir that holds a run")
+        add_output_dir_arguments(parser)
         parser.add_argument(
             "--nproc",
             type=int,
@@ -53,7 +58,7 @@ class RunCommand:
         from mlora_core.training.engine import Engine
 
         engine = Engine(load_config_arguments(args), host, resume=args.resume, overwrite=args.overwrite)
-        _stop_on_signals(engine)
+        stop_on_signals(engine)
         summary = engine.run()
         return 0 if all(j["status"] == "completed" for j in summary["jobs"]) else 1
 
@@ -121,7 +126,7 @@ def _launch(args: argparse.Namespace) -> int:
     return launch(args.nproc, [args.config, *args.overrides, *flags])
 
 
-def _stop_on_signals(engine: Engine) -> None:
+def stop_on_signals(engine: Engine) -> None:
     """SIGINT / SIGTERM: checkpoint and stop at the next step boundary; a second one stops at once."""
 
     from mlora_core.distributed.world import launched_world_size

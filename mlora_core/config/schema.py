@@ -8,6 +8,7 @@ values against the plugins. Neither loads a model or writes anything.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -206,6 +207,17 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> MloraConfig:  # 
     Raises:
         ConfigError: listing every problem found, each with its key path.
     """
+    raw, problems = read_config_file(path, overrides)
+    return config_from_mapping(raw, problems)
+
+
+def read_config_file(path: str | Path, overrides: list[str] = ()) -> tuple[DictConfig, list[str]]:  # type: ignore[assignment]
+    """A YAML file's top-level mapping with ``key.path=value`` overrides applied, and the
+    overrides' problems.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"])
@@ -215,7 +227,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> MloraConfig:  # 
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
     if not isinstance(raw, DictConfig):
         raise ConfigError([f"{path}: the top level must be a mapping"])
-    problems = _apply_overrides(raw, list(overrides))
+    return raw, _apply_overrides(raw, list(overrides))
+
+
+def config_from_mapping(raw: DictConfig, problems: list[str]) -> MloraConfig:
+    """Check a run config's mapping against the schema.
+
+    Raises:
+        ConfigError: listing ``problems`` and every problem found, each with its key path.
+    """
     cfg = _check_shape(raw, problems)
     if problems:
         raise ConfigError(problems)
@@ -246,12 +266,12 @@ def _check_shape(raw: DictConfig, problems: list[str]) -> MloraConfig | None:
             problems.append(f"{key!s}: unknown key; known: {', '.join(_SECTIONS)}")
     for name, schema in (("base_model", BaseModelConfig), ("scheduler", SchedulerConfig)):
         if name in raw:
-            _merge(schema(), raw[name], name, problems)
+            merge_section(schema(), raw[name], name, problems)
     if "jobs" not in raw or not isinstance(raw.jobs, ListConfig) or len(raw.jobs) == 0:
         problems.append("jobs: a non-empty list of jobs is required")
     else:
         for i, job in enumerate(raw.jobs):
-            _merge(JobConfig(), job, f"jobs[{i}]", problems)
+            merge_section(JobConfig(), job, f"jobs[{i}]", problems)
     if problems:
         return None
     try:
@@ -268,7 +288,9 @@ def _check_shape(raw: DictConfig, problems: list[str]) -> MloraConfig | None:
     return cfg
 
 
-def _merge(schema: Any, node: Any, prefix: str, problems: list[str]) -> None:
+def merge_section(schema: Any, node: Any, prefix: str, problems: list[str]) -> None:
+    """Check ``node`` against the dataclass instance ``schema``; add each problem, with its key
+    path under ``prefix``, to ``problems``."""
     if not isinstance(node, DictConfig):
         problems.append(f"{prefix}: expected a mapping of settings, got {node!r}")
         return
@@ -285,6 +307,22 @@ def _first_line(exc: Exception) -> str:
     return str(msg).splitlines()[0]
 
 
-def to_dict(cfg: MloraConfig) -> dict[str, Any]:
-    """The config as plain data (for summary.json, monitors and hooks)."""
+def to_dict(cfg: MloraConfig | JobConfig) -> dict[str, Any]:
+    """The config (or one job's) as plain data (for summary.json, monitors, hooks, checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+def job_config_from_dict(data: Mapping[str, Any], where: str = "job") -> JobConfig:
+    """A job's config from plain data (:func:`to_dict`'s output, or a job as a user writes it).
+
+    Raises:
+        ConfigError: listing every problem, each key path prefixed with ``where``.
+    """
+    problems: list[str] = []
+    node = OmegaConf.create(dict(data))
+    merge_section(JobConfig(), node, where, problems)
+    if problems:
+        raise ConfigError(problems)
+    job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), node))
+    assert isinstance(job, JobConfig)
+    return job

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mlora_core.config.schema import JobConfig, MloraConfig
+from mlora_core.config.schema import JobConfig, MloraConfig, job_config_from_dict, to_dict
 from mlora_core.config.validation import validate_config
 from mlora_core.distributed.report import StepReport
 from mlora_core.distributed.sharding import shard_blocks
@@ -36,7 +37,7 @@ from mlora_core.plugin_api.routing import RowRouter
 from mlora_core.plugin_api.scheduling import StepBudget
 from mlora_core.training.batch import MultiJobBatch, build_batch, build_packed_batch
 from mlora_core.training.held_out import HeldOutEvaluator, Results
-from mlora_core.training.job import COMPLETED, FAILED, INTERRUPTED, RUNNING, Job
+from mlora_core.training.job import INTERRUPTED, RUNNING, Job
 from mlora_core.training.loss import learned_token_losses, per_job_sequence_logps
 from mlora_core.training.memory import MemoryModel, device_memory_limit, reset_step_peak, step_peak
 from mlora_core.training.reference import with_reference_logps
@@ -50,6 +51,9 @@ from mlora_core.training.utilisation import UtilisationMeter
 StepLoss = tuple[torch.Tensor, int, dict[str, torch.Tensor]]
 #: The same over every rank, as numbers.
 StepTotal = tuple[float, int, dict[str, float]]
+#: Called at every step boundary (before each step, and once more when no job is live); it
+#: may add jobs (:meth:`Engine.add_job`) and stop them (:meth:`Engine.stop_job`).
+BetweenSteps = Callable[["Engine"], None]
 
 
 class Engine:
@@ -60,7 +64,15 @@ class Engine:
     rows each rank trains, and the ranks exchange a :class:`StepReport` after each step.
     """
 
-    def __init__(self, config: MloraConfig, host: PluginHost, *, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        config: MloraConfig,
+        host: PluginHost,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        between_steps: BetweenSteps | None = None,
+    ) -> None:
         validate_config(config, host)  # before anything loads or is written
         self.world: World = join_world(config.distributed, config.base_model.device)
         self.device = self.world.device(config.base_model.device)
@@ -68,6 +80,13 @@ class Engine:
             config = dataclasses.replace(config, base_model=dataclasses.replace(config.base_model, device=self.device))
         self.config, self.host = config, host
         self.resume, self.overwrite = resume, overwrite
+        self.between_steps = between_steps
+        #: Jobs added while running (:meth:`add_job`), in order; a checkpoint lists them.
+        self.added: list[JobConfig] = []
+        #: Measure exact-match accuracy too at ``eval_every`` (jobs with ``exact_match`` data).
+        self.accuracy_during = False
+        #: A job was added or stopped since the last checkpoint.
+        self._jobs_changed = False
         self.resumed = False
         #: A stop signal this process received, and the first one any rank received (known to
         #: every rank after the same exchange).
@@ -157,6 +176,58 @@ class Engine:
             job.data = self._with_reference(jc, data, job.batches if objective.needs_reference else [])
         return job
 
+    def add_job(self, jc: JobConfig) -> Job:
+        """Add a job to the running engine, at a step boundary (from :data:`BetweenSteps`).
+
+        The job is validated like a config's job, built (data, adapter, reference), measured
+        on its held-out data and trains from the next step, admitted like any other job.
+        Single process only.
+
+        Raises:
+            MloraError: the job is invalid, its name is taken, or its data cannot be loaded.
+        """
+        if self.world.distributed:
+            raise MloraError("jobs can be added to a running engine only in a single process")
+        if any(j.name == jc.name for j in self.jobs):
+            raise MloraError(f"job name {jc.name!r} is taken")
+        validate_config(dataclasses.replace(self.config, jobs=[jc]), self.host)
+        job = self._append_job(jc)
+        self.events.run["jobs"].append(jc.name)
+        self.events.run["config"]["jobs"].append(to_dict(jc))
+        job.started = time.perf_counter()
+        try:
+            before = self.evaluator.metrics([job])
+        except Exception as exc:
+            job.fail(f"held-out evaluation before training failed: {exc!r}")
+            self._finish(job, save=False)
+            return job
+        self.eval_before |= before
+        self.events.evaluation(self.steps, "before", {jc.name: (0, before[jc.name])})
+        return job
+
+    def _append_job(self, jc: JobConfig) -> Job:
+        job = self._make_job(len(self.jobs), jc)
+        self.jobs.append(job)
+        self.added.append(jc)
+        self.config = dataclasses.replace(self.config, jobs=[*self.config.jobs, jc])
+        self.strategy.orders[jc.name] = job.order
+        self._jobs_changed = True
+        return job
+
+    def stop_job(self, name: str, status: str, reason: str) -> None:
+        """End a running job now, at a step boundary, as ``status`` (``pruned``, ``cancelled``, ...).
+
+        Its adapter as of its last optimizer step (a half-accumulated optimizer batch is
+        dropped) is saved and evaluated like a completed job's; ``reason`` becomes its error.
+        """
+        job = next(j for j in self.jobs if j.name == name)
+        if job.status != RUNNING:
+            return
+        job.rewind_batch()
+        job.progress.status, job.progress.error = status, reason
+        self._finish(job)
+        self._jobs_changed = True
+
     def _with_reference(self, jc: JobConfig, data: SplitDataset, batches: list[list[int]]) -> SplitDataset:
         """``data`` with reference log-probabilities: of the held-out samples always (preference
         accuracy compares with the base), of the training samples in ``batches`` (the job's
@@ -228,16 +299,27 @@ class Engine:
             self.events.close()
 
     def _loop(self, train_started: float) -> None:
-        while live := [j for j in self.jobs if j.status == RUNNING]:
+        while True:
             if not self.world.distributed:
                 self.stop_agreed = self.stop_signal
-            if self.stop_agreed:  # every rank learns of a stop at the same exchange
+            if self.stop_agreed and self._live():  # every rank learns of a stop at the same exchange
                 raise Interrupted(self.stop_agreed, self._interrupt(train_started))
+            if self.between_steps is not None:
+                self._jobs_changed = False
+                self.between_steps(self)
+                if self._jobs_changed and self.config.checkpoint_every:
+                    self._checkpoint(train_started)
+            live = self._live()
+            if not live:
+                return
             self._step(live)
             ended = any(j.status != RUNNING for j in live)  # the same on every rank
             every = self.config.checkpoint_every
             if every and (ended or self.steps % every == 0):
                 self._checkpoint(train_started)
+
+    def _live(self) -> list[Job]:
+        return [j for j in self.jobs if j.status == RUNNING]
 
     def _step(self, live: list[Job]) -> None:
         """One engine step, top to bottom, then the exchange with the other ranks."""
@@ -535,16 +617,17 @@ class Engine:
         """
         if not jobs:
             return
-        losses = self.evaluator.losses(jobs)
+        accuracy = [j for j in jobs if self.accuracy_during and not final and j.config.data.exact_match]
+        results: Results = self.evaluator.metrics(accuracy) if accuracy else {}
+        losses = self.evaluator.losses([j for j in jobs if j.name not in results])
+        results |= {name: {"eval_loss": loss} for name, loss in losses.items()}
         for job in jobs:
-            loss = losses[job.name]
+            loss = results[job.name]["eval_loss"]
             if loss is not None:
                 job.record_eval(loss)
         owned = [j for j in jobs if self.strategy.owns(j.name)]
         if not final and owned:
-            self.events.evaluation(
-                self.steps, "during", {j.name: (j.progress.step, {"eval_loss": losses[j.name]}) for j in owned}
-            )
+            self.events.evaluation(self.steps, "during", {j.name: (j.progress.step, results[j.name]) for j in owned})
 
     # --- a job's end -------------------------------------------------------------------------
 
@@ -558,7 +641,7 @@ class Engine:
         owner = self.strategy.owns(job.name)
         after: dict[str, float | None] = {}
         adapter_dir = None
-        if save and job.status in (COMPLETED, FAILED) and self._evaluates(job):
+        if save and job.status != INTERRUPTED and self._evaluates(job):
             adapter_dir, after, error = self._save_and_evaluate(job, write=owner)
             if error is not None:
                 job.fail(f"{job.progress.error}; {error}" if job.progress.error else error)
@@ -617,6 +700,7 @@ class Engine:
             "eval_before": self.eval_before,
             "results": self.results,
             "memory": {"observations": self.memory.observations, "oom_tokens": self.memory.oom_tokens},
+            "added_jobs": [to_dict(jc) for jc in self.added],
         }
         tmp = self.world.on_main(lambda: self.run_dir.begin_checkpoint(self.steps))
         for job in self.jobs:
@@ -636,6 +720,8 @@ class Engine:
         for rows, length, peak in state["memory"]["observations"]:
             self.memory.observe(rows, length, peak)
         self.memory.oom_tokens = state["memory"]["oom_tokens"]
+        for added in state.get("added_jobs", []):  # jobs added while running, as they were
+            self._append_job(job_config_from_dict(added))
         for job in self.jobs:
             if job.name in self.results:  # finished before the checkpoint: not trained again
                 job.progress.status = self.results[job.name]["status"]

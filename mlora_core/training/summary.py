@@ -52,8 +52,8 @@ def run_summary(run: Mapping[str, Any], totals: Mapping[str, Any], jobs: Sequenc
         "format": SUMMARY_FORMAT,
         **run,
         **totals,
-        "makespan_s": round(max(latencies), 3),
-        "mean_job_latency_s": round(sum(latencies) / len(latencies), 3),
+        "makespan_s": round(max(latencies, default=0.0), 3),
+        "mean_job_latency_s": round(sum(latencies) / max(len(latencies), 1), 3),
         "jobs": list(jobs),
     }
 

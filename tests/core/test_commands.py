@@ -24,12 +24,13 @@ def test_flags_and_overrides_in_any_order(make_config, data_dir):
 
 def test_core_and_plugin_commands_are_registered_alike():
     host = create_plugin_manager(autoload=False)
-    assert set(host.commands) == {"run", "validate", "plan", "plugins", "bench", "generate", "eval"}
-    assert {name: host.commands.get(name).plugin for name in ("run", "bench", "generate", "eval")} == {
+    assert set(host.commands) == {"run", "validate", "plan", "plugins", "bench", "generate", "eval", "sweep"}
+    assert {name: host.commands.get(name).plugin for name in ("run", "bench", "generate", "eval", "sweep")} == {
         "run": "core",
         "bench": "bench",
         "generate": "generate",
         "eval": "eval",
+        "sweep": "sweep",
     }
 
 

@@ -1,0 +1,1 @@
+"""Built-in ``mlora sweep``: hyper-parameter search as concurrent jobs over one base (Optuna)."""
