@@ -77,4 +77,7 @@ def test_quickstart_on_smollm2_learns(tmp_path):
     accuracy = {e["name"]: (e["accuracy_before"], e["accuracy_after"]) for e in summary["jobs"]}
     assert all(after >= before + 0.3 for before, after in accuracy.values()), accuracy  # every job learns
     assert "[numbers] step 5/30" in result.stdout
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert all(
+        list((out / "tensorboard" / run).glob("events.out.tfevents.*"))
+        for run in ("_run", "numbers", "arithmetic", "dates")
+    )

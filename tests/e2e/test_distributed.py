@@ -118,10 +118,10 @@ def test_jobs_on_two_ranks_equal_one_process(make_config, data_dir, host, tmp_pa
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
     for name, n in (("a", 6), ("b", 4), ("c", 3), ("d", 5)):
-        assert [e.step for e in acc.Scalars(f"{name}/train_loss")] == list(range(1, n + 1))
+        acc = EventAccumulator(str(out / "tensorboard" / name))  # each job's run
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, n + 1))
 
 
 @pytest.mark.parametrize(

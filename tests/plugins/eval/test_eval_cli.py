@@ -37,9 +37,9 @@ def test_eval_reads_saved_adapters_and_matches_training(make_config, host, tmp_p
     assert result["jobs"]["qa"]["accuracy"] == trained["qa"]["accuracy_after"] > result["jobs"]["qa"]["accuracy_base"]
     assert result["jobs"]["plain"]["accuracy"] is None  # not exact_match data
 
-    acc = EventAccumulator(str(out / "tensorboard"))
+    acc = EventAccumulator(str(out / "tensorboard" / "qa"))  # the job's run: training's file and eval's
     acc.Reload()
-    points = [(e.step, round(e.value, 6)) for e in acc.Scalars("qa/eval_accuracy")]
+    points = [(e.step, round(e.value, 6)) for e in acc.Scalars("eval/accuracy")]
     before = (0, round(trained["qa"]["accuracy_before"], 6))
     after = (trained["qa"]["steps"], round(trained["qa"]["accuracy_after"], 6))
     assert sorted(points) == sorted([before, after, before, after])  # training's points, then eval's again

@@ -214,3 +214,21 @@ def test_a_trial_that_cannot_start_fails_alone(make_sweep, data_dir, host, tmp_p
     assert "could not start" in board["arith-001"]["error"] and "cutoff_len 4" in board["arith-001"]["error"]
     assert board["arith-000"]["status"] == board["arith-002"]["status"] == "completed"
     assert board["arith-002"]["steps"] == 2
+
+
+def test_accuracy_metric_is_measured_at_every_rung_and_maximized(make_sweep, data_dir, host, tmp_path):
+    import optuna
+
+    template = job("arith", data_dir / "a.jsonl", max_steps=3, eval_every=1, data_opts={"exact_match": True})
+    path = make_sweep(template, {"train.lr": [1e-3, 2e-3]}, {"metric": "accuracy", "pruner": "none"})
+    sweep = load_sweep(path, [], host)
+    assert sweep.direction == "maximize"
+    run_sweep(sweep, host)
+
+    summary = {e["name"]: e for e in json.loads((tmp_path / "sweep" / "summary.json").read_text())["jobs"]}
+    study = optuna.load_study(study_name="mlora-sweep", storage=f"sqlite:///{tmp_path / 'sweep' / 'study.db'}")
+    for trial in study.trials:
+        name = f"arith-{trial.number:03d}"
+        assert sorted(trial.intermediate_values) == [1, 2]  # the evaluations before the last step
+        assert all(0.0 <= v <= 1.0 for v in trial.intermediate_values.values())
+        assert trial.value == summary[name]["accuracy_after"]
