@@ -230,13 +230,16 @@ def read_config_file(path: str | Path, overrides: list[str] = ()) -> tuple[DictC
     return raw, _apply_overrides(raw, list(overrides))
 
 
-def config_from_mapping(raw: DictConfig, problems: list[str]) -> MloraConfig:
-    """Check a run config's mapping against the schema.
+def config_from_mapping(raw: DictConfig, problems: list[str], jobs_required: bool = True) -> MloraConfig:
+    """Check a run config's mapping against the schema (``jobs_required``: a non-empty ``jobs``
+    list must be there; otherwise a missing one is empty).
 
     Raises:
         ConfigError: listing ``problems`` and every problem found, each with its key path.
     """
-    cfg = _check_shape(raw, problems)
+    if not jobs_required and "jobs" not in raw:
+        raw.jobs = []
+    cfg = _check_shape(raw, problems, jobs_required)
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
@@ -259,7 +262,7 @@ def _apply_overrides(raw: DictConfig, overrides: list[str]) -> list[str]:
     return problems
 
 
-def _check_shape(raw: DictConfig, problems: list[str]) -> MloraConfig | None:
+def _check_shape(raw: DictConfig, problems: list[str], jobs_required: bool = True) -> MloraConfig | None:
     """Merge each section (and each job) separately so every problem is reported at once."""
     for key in raw:
         if key not in _SECTIONS:
@@ -267,7 +270,7 @@ def _check_shape(raw: DictConfig, problems: list[str]) -> MloraConfig | None:
     for name, schema in (("base_model", BaseModelConfig), ("scheduler", SchedulerConfig)):
         if name in raw:
             merge_section(schema(), raw[name], name, problems)
-    if "jobs" not in raw or not isinstance(raw.jobs, ListConfig) or len(raw.jobs) == 0:
+    if "jobs" not in raw or not isinstance(raw.jobs, ListConfig) or (jobs_required and len(raw.jobs) == 0):
         problems.append("jobs: a non-empty list of jobs is required")
     else:
         for i, job in enumerate(raw.jobs):

@@ -228,6 +228,12 @@ class Engine:
         self._finish(job)
         self._jobs_changed = True
 
+    def flush_events(self) -> None:
+        """Emit the events held since the last step (those of jobs added or stopped between
+        steps) now, rather than after the next step, which may not come soon."""
+        if not self.world.distributed:
+            self.events.replay(self.events.take_pending())
+
     def _with_reference(self, jc: JobConfig, data: SplitDataset, batches: list[list[int]]) -> SplitDataset:
         """``data`` with reference log-probabilities: of the held-out samples always (preference
         accuracy compares with the base), of the training samples in ``batches`` (the job's
@@ -307,6 +313,7 @@ class Engine:
             if self.between_steps is not None:
                 self._jobs_changed = False
                 self.between_steps(self)
+                self.flush_events()
                 if self._jobs_changed and self.config.checkpoint_every:
                     self._checkpoint(train_started)
             live = self._live()
