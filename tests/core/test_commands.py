@@ -24,7 +24,8 @@ def test_flags_and_overrides_in_any_order(make_config, data_dir):
 
 def test_core_and_plugin_commands_are_registered_alike():
     host = create_plugin_manager(autoload=False)
-    assert set(host.commands) == {"run", "validate", "plan", "plugins", "bench", "generate", "eval", "sweep"}
+    service = {"serve", "submit", "status", "cancel", "logs", "fetch"}
+    assert set(host.commands) == {"run", "validate", "plan", "plugins", "bench", "generate", "eval", "sweep", *service}
     assert {name: host.commands.get(name).plugin for name in ("run", "bench", "generate", "eval", "sweep")} == {
         "run": "core",
         "bench": "bench",
