@@ -8,14 +8,17 @@ pip-installed. Paths in the configs are relative to the repository root, as docu
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from mlora_core.config.schema import load_config
+from mlora_core.config.schema import config_from_mapping, job_config_from_dict, load_config, read_config_file
 from mlora_core.config.validation import validate_config
-from mlora_core.plugin_api.host import create_plugin_manager
+from mlora_core.plugin_api.host import PluginHost, create_plugin_manager
+from mlora_sweep.config import load_sweep
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "examples"
@@ -36,4 +39,20 @@ def test_example_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.syspath_prepend(str(PLUGIN_PACKAGE))
         extra.append(importlib.import_module("mlora_plugin_example.plugin"))
     host = create_plugin_manager(autoload=False, extra=extra)
-    validate_config(load_config(path), host)
+    load(path, host)
+
+
+def load(path: Path, host: PluginHost) -> None:
+    """Validate an example as the command it is written for does: a sweep file (``template``),
+    a service config (no ``jobs``), one job for ``mlora submit`` (``name``), or a run config."""
+    raw, problems = read_config_file(path)
+    if "template" in raw:
+        load_sweep(path, [], host)
+    elif "name" in raw:
+        job = job_config_from_dict(OmegaConf.to_container(raw), "job")  # type: ignore[arg-type]
+        service = config_from_mapping(read_config_file(EXAMPLES / "serve.yaml")[0], [], jobs_required=False)
+        validate_config(dataclasses.replace(service, jobs=[job]), host)
+    elif "jobs" not in raw:
+        validate_config(config_from_mapping(raw, problems, jobs_required=False), host)
+    else:
+        validate_config(load_config(path), host)
